@@ -1,0 +1,62 @@
+"""The model contract and the one output type every model returns.
+
+A model is an nn.Module whose constructor only stores (validated) parameters;
+`fit` learns from good images and returns self; learned state lives in buffers
+or parameters so that `state_dict()` is the whole checkpoint.  `forward` takes
+images in [0, 1] (B, 3, H, W) and returns raw scores: higher = more anomalous.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..data.sample import Batch
+from ..errors import Constraint, validate_params
+
+
+@dataclass
+class AnomalyOutput:
+    """Raw model output. score: (B,), anomaly_map: (B, 1, H, W) at the input resolution."""
+
+    score: torch.Tensor
+    anomaly_map: torch.Tensor
+
+
+class AnomalyModel(nn.Module):
+    """Base class: parameter validation, fitted-buffer bookkeeping, the fit/forward contract."""
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""  # one line, shown by `anomalens models`
+    # Parameter name -> Constraint; defaults come from `defaults`.
+    constraints: ClassVar[dict[str, Constraint]] = {}
+    defaults: ClassVar[dict[str, Any]] = {}
+    # Per-model facts the common test-suite and engine read (never `if name == ...`).
+    tags: ClassVar[dict[str, Any]] = {"trainable": False}
+
+    def __init__(self, **params: Any):
+        super().__init__()
+        validate_params(type(self).__name__, params, self.constraints)
+        self.hparams: dict[str, Any] = {**self.defaults, **params}
+
+    # -- contract ---------------------------------------------------------------------------
+    def fit(self, batches: Iterable[Batch]) -> AnomalyModel:
+        """Learn from batches of good images (`batch.image`); return self. Use `anomalens.progress.track` for long loops."""
+        raise NotImplementedError
+
+    def forward(self, images: torch.Tensor) -> AnomalyOutput:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    # -- checkpoint support -----------------------------------------------------------------
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        # Fitted buffers (memory banks, Gaussians) have data-dependent shapes: resize ours first.
+        own = dict(self.named_buffers())
+        for key, value in state_dict.items():
+            if key in own and own[key].shape != value.shape:
+                module_path, _, buf_name = key.rpartition(".")
+                module = self.get_submodule(module_path) if module_path else self
+                module._buffers[buf_name] = torch.empty_like(value)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
