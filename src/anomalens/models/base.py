@@ -20,10 +20,19 @@ from ..errors import Constraint, validate_params
 
 @dataclass
 class AnomalyOutput:
-    """Raw model output. score: (B,), anomaly_map: (B, 1, H, W) at the input resolution."""
+    """The one output type, from a model and (filled in) after post-processing.
+
+    A model fills `score` (B,) and `anomaly_map` (B, 1, H, W) at the input resolution, both raw
+    (higher = more anomalous).  The post-processor adds the normalised values (0.5 = threshold)
+    and the decisions; every runtime (torch, ONNX, OpenVINO) returns this same type.
+    """
 
     score: torch.Tensor
     anomaly_map: torch.Tensor
+    norm_score: torch.Tensor | None = None  # (B,) strictly monotonic in score, threshold -> 0.5
+    norm_map: torch.Tensor | None = None  # (B, 1, H, W), pixel threshold -> 0.5
+    pred_label: torch.Tensor | None = None  # (B,) bool, True = defective
+    pred_mask: torch.Tensor | None = None  # (B, 1, H, W) bool
 
 
 class AnomalyModel(nn.Module):
