@@ -1,1 +1,2 @@
 """Importing this package registers every model. One import line per model file."""
+from . import padim  # noqa: F401

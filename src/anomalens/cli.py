@@ -1,0 +1,182 @@
+"""Command line: anomalens train | test | predict | models | data demo.
+
+Any config value can be overridden with a dotted flag, e.g.
+    anomalens train --config configs/patchcore.yaml --dataset.root /data/mvtec --dataset.category bottle
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from .errors import AnomalensError, ConfigError
+
+METRIC_ROWS = [
+    ("image_AUROC", "Image AUROC"), ("image_F1max", "Image F1 (best threshold)"),
+    ("image_F1", "Image F1 (chosen threshold)"), ("pixel_AUROC", "Pixel AUROC"), ("pixel_F1max", "Pixel F1 (best)"),
+    ("pixel_AUPRO", "Pixel AUPRO (FPR <= 0.3)"), ("false_reject_rate", "False-reject rate (good parts rejected)"),
+    ("escape_rate", "Escape rate (defects passed)"), ("image_threshold", "Image threshold (raw score)"),
+    ("pixel_threshold", "Pixel threshold (raw map)"),
+]
+
+
+def parse_overrides(extra: list[str]) -> dict[str, Any]:
+    """['--dataset.root', '/x', '--seed=3'] -> {'dataset.root': '/x', 'seed': 3}."""
+    from .config import parse_value
+
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(extra):
+        token = extra[i]
+        if not token.startswith("--") or len(token) == 2:
+            raise ConfigError(f"Unexpected argument {token!r}: overrides look like --section.key value.")
+        key, eq, value = token[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(extra) or extra[i + 1].startswith("--"):
+                raise ConfigError(f"The override --{key} needs a value, e.g. --{key} VALUE.")
+            value, i = extra[i + 1], i + 1
+        out[key] = parse_value(value)
+        i += 1
+    return out
+
+
+def _console():
+    from rich.console import Console
+
+    return Console()
+
+
+def print_metrics(metrics: dict[str, float], title: str, timings: dict[str, float] | None = None) -> None:
+    from rich.table import Table
+
+    table = Table(title=title, show_header=True, header_style="bold")
+    table.add_column("Metric")
+    table.add_column("Value", justify="right")
+    for key, label in METRIC_ROWS:
+        if key in metrics:
+            v = metrics[key]
+            table.add_row(label, "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}")
+    for key, v in (timings or {}).items():
+        table.add_row(key.replace("_", " "), f"{v:.2f}")
+    _console().print(table)
+
+
+# --------------------------------------------------------------------------- commands
+def cmd_train(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+    from .config import load_config
+    from .engine import Engine
+    from .progress import set_enabled
+
+    config = load_config(args.config, overrides)
+    set_enabled(config.trainer.progress)
+    engine = Engine(config)
+    run_dir = engine.run()
+    print_metrics(engine.metrics, f"{config.model_name} on {config.dataset_name}/{config.dataset.category} (test split)",
+                  engine.timings)
+    _console().print(f"Run folder: [bold]{run_dir}[/bold]")
+    return 0
+
+
+def cmd_test(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+    from .config import apply_overrides, config_from_dict
+    from .engine import Engine, load_checkpoint
+
+    config, model, post = load_checkpoint(args.run)
+    # The run's images stay as they were; a re-test only writes metrics_retest.json and scores_retest.csv.
+    config = config_from_dict(apply_overrides(config.to_dict(), {"visualization.save_images": False,
+                                                                 "visualization.show_images": False, **overrides}))
+    engine = Engine(config)
+    engine.run_dir = Path(args.run)
+    engine.setup()
+    engine.model, engine.postprocessor = model.to(engine.device), post.to(engine.device)
+    metrics = engine.test()
+    engine.write_record(suffix="_retest")
+    print_metrics(metrics, f"Re-test of {args.run}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+    from .deploy.inferencer import Inferencer, predict_to_folder
+
+    if overrides:
+        raise ConfigError(f"predict takes no config overrides. Got {', '.join(overrides)}.")
+    inferencer = Inferencer.load(args.run, device=args.device)
+    out_dir = Path(args.out) if args.out else Path(args.run) / "predictions"
+    csv_path = predict_to_folder(inferencer, args.input, out_dir, batch_size=args.batch_size, mode=args.mode,
+                                 save_images=not args.no_images)
+    _console().print(f"Predictions: [bold]{csv_path}[/bold]")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+    from rich.table import Table
+
+    from .registry import get_model_class, list_models
+
+    table = Table(title="Models", show_header=True, header_style="bold")
+    table.add_column("Name")
+    table.add_column("Description")
+    for name in list_models():
+        table.add_row(name, get_model_class(name).description)
+    _console().print(table)
+    return 0
+
+
+def cmd_data(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+    from .data.demo import make_demo_dataset
+
+    root = make_demo_dataset(args.out, image_size=args.image_size, seed=args.seed)
+    _console().print(f"Demo dataset written to [bold]{root}[/bold]")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="anomalens", description="Visual anomaly detection for industrial inspection.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="fit, calibrate and test a model; write a run folder",
+                       description="Any config value can be overridden: --dataset.category bottle --seed 3")
+    p.add_argument("--config", help="YAML config (see configs/); defaults apply when omitted")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("test", help="re-evaluate a run on its test split (dataset.* overrides allowed)")
+    p.add_argument("--run", required=True, help="run folder")
+    p.set_defaults(func=cmd_test)
+
+    p = sub.add_parser("predict", help="score new images with a trained run")
+    p.add_argument("--run", required=True, help="run folder or checkpoint file")
+    p.add_argument("--input", required=True, help="an image or a folder of images")
+    p.add_argument("--out", help="output folder (default: RUN/predictions)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--mode", choices=["full", "simple"], default="simple")
+    p.add_argument("--no-images", action="store_true", help="write the CSV only")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("models", help="list the available models")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("data", help="datasets: `anomalens data demo --out DIR` writes the demo dataset")
+    p.add_argument("what", choices=["demo"])
+    p.add_argument("--out", required=True)
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_data)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    try:
+        overrides = parse_overrides(extra)
+        return args.func(args, overrides)
+    except AnomalensError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""Exact k-nearest-neighbour search with bounded memory.
+
+Distances use ||a||^2 - 2 a.b + ||b||^2 (one matrix product per block), but the
+(queries x bank) matrix is never materialised at once: queries and, when the bank
+is large, the bank itself are processed in blocks of at most `chunk` entries.
+"""
+from __future__ import annotations
+
+import torch
+
+# Elements of one (query block x bank block) distance matrix: 2^24 floats = 64 MiB.
+DEFAULT_CHUNK = 1 << 24
+
+
+def squared_distances(queries: torch.Tensor, bank: torch.Tensor,
+                      q_sq: torch.Tensor | None = None, b_sq: torch.Tensor | None = None) -> torch.Tensor:
+    """(Q, M) squared Euclidean distances, clamped at 0 (rounding can make the trick slightly negative)."""
+    q_sq = (queries * queries).sum(1) if q_sq is None else q_sq
+    b_sq = (bank * bank).sum(1) if b_sq is None else b_sq
+    d2 = torch.addmm(b_sq.unsqueeze(0), queries, bank.T, beta=1.0, alpha=-2.0)
+    return d2.add_(q_sq.unsqueeze(1)).clamp_(min=0)
+
+
+@torch.no_grad()
+def nearest_distances(queries: torch.Tensor, bank: torch.Tensor, k: int = 1,
+                      chunk: int = DEFAULT_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distances (Q, k) and indices (Q, k) of the k nearest bank rows of every query row, nearest first.
+
+    queries: (Q, D), bank: (M, D), k <= M. `chunk` bounds the number of distances held at once.
+    """
+    if queries.ndim != 2 or bank.ndim != 2 or queries.shape[1] != bank.shape[1]:
+        raise ValueError(f"expected (Q, D) queries and (M, D) bank, got {tuple(queries.shape)} and {tuple(bank.shape)}")
+    if not 1 <= k <= bank.shape[0]:
+        raise ValueError(f"k must be in [1, {bank.shape[0]}] (the bank size), got {k}")
+    # Centre both sets on the bank mean: distances are unchanged, but the norms shrink, which
+    # limits the cancellation error of the ||a||^2 - 2ab + ||b||^2 trick for nearby points.
+    mean = bank.mean(0, keepdim=True)
+    bank = bank - mean
+    b_sq = (bank * bank).sum(1)
+    m = bank.shape[0]
+    bank_block = max(k, min(m, chunk))  # a bank block alone never exceeds `chunk` rows
+    q_block = max(1, chunk // bank_block)
+    out_d = queries.new_empty(queries.shape[0], k)
+    out_i = torch.empty(queries.shape[0], k, dtype=torch.long, device=queries.device)
+    for qs in range(0, queries.shape[0], q_block):
+        q = queries[qs:qs + q_block] - mean
+        q_sq = (q * q).sum(1)
+        best_d = best_i = None
+        for bs in range(0, m, bank_block):
+            d2 = squared_distances(q, bank[bs:bs + bank_block], q_sq, b_sq[bs:bs + bank_block])
+            d, i = d2.topk(min(k, d2.shape[1]), dim=1, largest=False)
+            i += bs
+            if best_d is not None:  # merge with the best of the previous bank blocks
+                d, pos = torch.cat([best_d, d], 1).topk(k, dim=1, largest=False)
+                i = torch.cat([best_i, i], 1).gather(1, pos)
+            best_d, best_i = d, i
+        out_d[qs:qs + q_block] = best_d.sqrt()
+        out_i[qs:qs + q_block] = best_i
+    return out_d, out_i

@@ -1,0 +1,1 @@
+"""Deployment: loading a trained run for inference (export and serving build on this)."""

@@ -1,0 +1,125 @@
+"""PaDiM: a multivariate Gaussian of pretrained CNN features at every patch position.
+
+Paper: Defard, Setkov, Loesch, Audigier, "PaDiM: a Patch Distribution Modeling Framework for
+Anomaly Detection and Localization", ICPR workshops 2020 (arXiv:2011.08785).
+
+For each training image, features of several backbone levels are upsampled (nearest) to the
+finest level's grid and concatenated into one embedding per patch; a random subset of channels
+is kept.  Each grid position (i, j) gets a Gaussian N(mu_ij, Sigma_ij) with Sigma regularised by
+0.01 I.  At test time the anomaly map is the Mahalanobis distance of each patch embedding to
+its position's Gaussian, upsampled (bilinear) to the input size and smoothed (Gaussian, sigma 4);
+the image score is the map's maximum.  Nothing is trained; `fit` is a single pass.
+
+Deviations from the paper:
+- Backbone: EfficientNet-Lite0 (blocks.1/2/4: 24 + 40 + 112 = 176 channels at strides 4/8/16)
+  instead of ResNet18 / WideResNet50 layers 1-3, because its ImageNet weights ship offline.
+  Any timm backbone and layers can be set.
+- Mean and covariance are accumulated online (float64 sums), so memory does not grow with the
+  number of images; the inverse covariance is stored in float32.
+- The input size is fixed at fit time (the Gaussians are per grid position, as in the paper).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+
+from ..backbones import Backbone
+from ..components.blur import upsample_and_blur
+from ..components.gaussian import GaussianAccumulator, mahalanobis
+from ..data.sample import Batch
+from ..errors import STR, AnomalensError, DataError, Interval, ListOf, param_error
+from ..progress import track
+from ..registry import register_model
+from .base import AnomalyModel, AnomalyOutput
+
+# --------------------------------------------------------------------------- parameters
+COVARIANCE_EPS = 0.01  # the paper's regularisation: Sigma + 0.01 I
+
+
+# --------------------------------------------------------------------------- model
+@register_model
+class PaDiM(AnomalyModel):
+    """Per-position Gaussians of random-subset CNN features; Mahalanobis distance maps."""
+
+    name = "padim"
+    description = "Per-patch Gaussian of pretrained CNN features, Mahalanobis distance (Defard et al. 2020)."
+    constraints = {
+        "backbone": STR,
+        "layers": ListOf(STR),
+        "weights": STR,
+        "n_features": Interval(int, 1, None),
+        "blur_sigma": Interval(float, 0, None),
+        "seed": Interval(int, 0, None),
+    }
+    defaults = {
+        "backbone": "tf_efficientnet_lite0",
+        "layers": ["blocks.1", "blocks.2", "blocks.4"],
+        "weights": "imagenet",
+        "n_features": 100,  # random channel subset size (the paper keeps 100 of 448 for ResNet18)
+        "blur_sigma": 4.0,
+        "seed": 0,
+    }
+    tags = {"trainable": False}
+
+    def __init__(self, **params):
+        super().__init__(**params)
+        hp = self.hparams
+        self.backbone = Backbone(hp["backbone"], hp["layers"], hp["weights"])
+        total = sum(self.backbone.channels)
+        if hp["n_features"] > total:
+            raise param_error(type(self).__name__, "n_features", f"an int in [1, {total}]", hp["n_features"])
+        # The random subset is drawn once, from its own generator, so the global RNG is untouched.
+        generator = torch.Generator().manual_seed(hp["seed"])
+        index = torch.randperm(total, generator=generator)[: hp["n_features"]].sort().values
+        self.register_buffer("index", index)
+        # Fitted state, (h, w, D) and (h, w, D, D): the grid shape travels with the checkpoint.
+        self.register_buffer("mean", torch.empty(0, 0, 0))
+        self.register_buffer("inv_cov", torch.empty(0, 0, 0, 0))
+
+    @property
+    def fitted(self) -> bool:
+        return self.mean.numel() > 0
+
+    def _embed(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, D, h, w) embeddings on the finest layer's grid."""
+        features = self.backbone(images)
+        size = features[0].shape[-2:]
+        # Nearest upsampling copies each coarse cell onto the patches it covers, as in the paper.
+        features = [f if f.shape[-2:] == size else F.interpolate(f, size=size, mode="nearest") for f in features]
+        return torch.cat(features, dim=1).index_select(1, self.index)
+
+    @torch.no_grad()
+    def fit(self, batches: Iterable[Batch]) -> PaDiM:
+        """One pass over good images: per-position mean and inverse covariance of the embeddings."""
+        accumulator = GaussianAccumulator()
+        device = self.index.device
+        grid = None
+        for batch in track(batches, "PaDiM: fitting Gaussians"):
+            images = batch.image if isinstance(batch, Batch) else batch
+            embedding = self._embed(images.to(device))
+            grid = embedding.shape[-2:]
+            accumulator.update(embedding.flatten(2).transpose(1, 2))  # (B, h*w, D)
+        if grid is None:
+            raise DataError("PaDiM.fit got no training images; give it at least 2 good images.")
+        mean, cov = accumulator.finalize(COVARIANCE_EPS)
+        inv_cov = torch.linalg.inv(cov)  # float64, then stored as float32
+        d = mean.shape[-1]
+        self.mean = mean.to(torch.float32).reshape(*grid, d)
+        self.inv_cov = inv_cov.to(torch.float32).reshape(*grid, d, d)
+        return self
+
+    def forward(self, images: torch.Tensor) -> AnomalyOutput:
+        if not self.fitted:
+            raise AnomalensError("PaDiM is not fitted; call fit() first.")
+        embedding = self._embed(images)
+        b, d, h, w = embedding.shape
+        if (h, w) != tuple(self.mean.shape[:2]):
+            raise DataError(f"PaDiM was fitted on a {self.mean.shape[0]}x{self.mean.shape[1]} feature grid but this "
+                            f"{images.shape[-2]}x{images.shape[-1]} input gives {h}x{w}; use the training image size.")
+        distance = mahalanobis(embedding.flatten(2).transpose(1, 2), self.mean.reshape(h * w, d),
+                               self.inv_cov.reshape(h * w, d, d))
+        anomaly_map = upsample_and_blur(distance.reshape(b, 1, h, w), tuple(images.shape[-2:]),
+                                        self.hparams["blur_sigma"])
+        return AnomalyOutput(score=anomaly_map.amax(dim=(1, 2, 3)), anomaly_map=anomaly_map)

@@ -1,0 +1,115 @@
+"""End to end: a run on tiny demo data writes a complete, reloadable run folder."""
+import csv
+import json
+
+import pytest
+import torch
+
+from anomalens.callbacks import Callback
+from anomalens.config import config_from_dict
+from anomalens.deploy.inferencer import Inferencer
+from anomalens.engine import Engine, load_checkpoint
+from anomalens.metrics import auroc
+
+
+def tiny_config(root, tmp_path, model="padim", **sections):
+    data = {
+        "model": {"name": model, "weights": "none"},
+        "dataset": {"format": "mvtec", "root": str(root), "category": "brick", "image_size": 64, "batch_size": 8},
+        "visualization": {"max_images": 3},
+        "trainer": {"progress": False},
+        "project": {"root": str(tmp_path / "runs")},
+    }
+    for key, value in sections.items():
+        data.setdefault(key, {}).update(value)
+    return config_from_dict(data)
+
+
+class Recorder(Callback):
+    def __init__(self):
+        self.calls = []
+
+    def __getattribute__(self, name):
+        if name.startswith("on_"):
+            object.__getattribute__(self, "calls").append(name)
+        return object.__getattribute__(self, name)
+
+
+class Exploding(Callback):
+    def on_test_batch_end(self, engine, batch, output):
+        raise OSError("disk full")
+
+
+@pytest.fixture(scope="module")
+def padim_run(tiny_demo_root, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("engine")
+    recorder = Recorder()
+    engine = Engine(tiny_config(tiny_demo_root, tmp), callbacks=[recorder, Exploding()])
+    with pytest.warns(UserWarning, match=r"Exploding\.on_test_batch_end failed and is disabled for this run: "
+                                         r"OSError: disk full"):
+        run_dir = engine.run()
+    return engine, run_dir, recorder
+
+
+def test_run_folder_layout_and_record(padim_run):
+    engine, run_dir, _ = padim_run
+    assert run_dir.parts[-4:-1] == ("padim", "mvtec", "brick")
+    for name in ("config.yaml", "metrics.json", "scores.csv", "model.pt"):
+        assert (run_dir / name).is_file(), name
+    summary = json.loads((run_dir / "metrics.json").read_text())
+    assert summary["n_test"] == len(engine.splits.test) > 0
+    assert set(summary["metrics"]) >= {"image_AUROC", "pixel_AUROC", "pixel_AUPRO", "image_F1", "false_reject_rate",
+                                       "escape_rate", "image_threshold"}
+    assert summary["timings"]["fit_seconds"] > 0
+    rows = list(csv.DictReader(open(run_dir / "scores.csv")))
+    assert len(rows) == summary["n_test"]
+    # metrics.json agrees with an AUROC recomputed from the score table
+    labels = [int(r["label"]) for r in rows]
+    assert auroc(labels, [float(r["score"]) for r in rows]) == pytest.approx(summary["metrics"]["image_AUROC"], abs=1e-6)
+    assert len(list((run_dir / "images").rglob("*.png"))) == 3  # visualization.max_images
+
+
+def test_hooks_run_in_order_and_a_failing_callback_never_breaks_the_run(padim_run):
+    _, _, recorder = padim_run
+    order = [c for c in recorder.calls if c != "on_test_batch_end"]
+    assert order == ["on_run_start", "on_fit_start", "on_fit_end", "on_calibrate_end", "on_test_end", "on_run_end"]
+    assert "on_test_batch_end" in recorder.calls
+
+
+def test_thresholds_come_from_validation_not_test(padim_run):
+    engine, _, _ = padim_run
+    val, test = {r.path for r in engine.splits.val}, {r.path for r in engine.splits.test}
+    train = {r.path for r in engine.splits.train}
+    assert val and not (val & test) and not (val & train)
+    assert engine.postprocessor.method == "false_alarm_rate"  # validation holds good images only
+
+
+def test_reloaded_run_reproduces_the_engine_decisions(padim_run):
+    engine, run_dir, _ = padim_run
+    config, model, post = load_checkpoint(run_dir)
+    assert config == engine.config
+    inferencer = Inferencer.load(run_dir, device="cpu")
+    records = engine.splits.test[:4]
+    from anomalens.data.dataset import AnomalyDataset
+
+    images = torch.stack([AnomalyDataset(records, 64)[i].image for i in range(len(records))])
+    out = inferencer.predict(images)
+    expected = {p: s for p, s in zip(engine.test_predictions.path, engine.test_predictions.score)}
+    for record, score in zip(records, out.score):
+        assert float(score) == pytest.approx(expected[record.path], rel=1e-5)
+
+
+def test_run_dirs_are_never_overwritten(tiny_demo_root, tmp_path):
+    config = tiny_config(tiny_demo_root, tmp_path, project={"run_name": "same"})
+    first = Engine(config).make_run_dir()
+    second = Engine(config).make_run_dir()
+    assert first != second and second.name == "same-2"
+
+
+def test_validation_from_test_uses_f1_and_removes_those_images_from_test(tiny_demo_root, tmp_path):
+    config = tiny_config(tiny_demo_root, tmp_path, dataset={"val_source": "test", "val_ratio": 0.4},
+                         visualization={"save_images": False})
+    engine = Engine(config)
+    engine.run()
+    assert engine.postprocessor.method == "f1"
+    assert not ({r.path for r in engine.splits.val} & {r.path for r in engine.splits.test})
