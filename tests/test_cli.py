@@ -37,7 +37,7 @@ def test_predict_writes_scores_labels_and_heat_maps(trained_run, tiny_demo_root,
     n_images = len([p for p in source.rglob("*.png")])
     assert len(rows) == n_images
     assert {r["label"] for r in rows} <= {"good", "defect"}
-    assert len(list((tmp_path / "images").glob("*.png"))) == n_images
+    assert len(list((tmp_path / "images").rglob("*.png"))) == n_images
     # the CLI's decisions equal the run's test decisions for the same files
     scores = {r["path"]: float(r["score"]) for r in csv.DictReader(open(trained_run / "scores.csv"))}
     for row in rows:
@@ -60,7 +60,7 @@ def test_models_lists_descriptions(capsys):
 @pytest.mark.parametrize("argv, message", [
     (["train", "--dataset.imgsize", "3"], "error: Unknown config key 'dataset.imgsize'. Did you mean 'image_size'?"),
     (["train", "--model.name", "nope"], "error: Unknown model 'nope'."),
-    (["predict", "--run", "/nonexistent", "--input", "x"], "error: No checkpoint found at '/nonexistent/model.pt'"),
+    (["predict", "--run", "/nonexistent", "--input", "x"], "error: No checkpoint found at '/nonexistent': pass a run folder or its model.pt."),
 ])
 def test_user_mistakes_exit_2_with_one_line(argv, message, capsys):
     assert main(argv) == 2

@@ -72,7 +72,8 @@ def test_run_folder_layout_and_record(padim_run):
 def test_hooks_run_in_order_and_a_failing_callback_never_breaks_the_run(padim_run):
     _, _, recorder = padim_run
     order = [c for c in recorder.calls if c != "on_test_batch_end"]
-    assert order == ["on_run_start", "on_fit_start", "on_fit_end", "on_calibrate_end", "on_test_end", "on_run_end"]
+    assert order == ["on_run_start", "on_fit_start", "on_fit_end", "on_calibrate_end", "on_test_start",
+                     "on_test_end", "on_run_end"]
     assert "on_test_batch_end" in recorder.calls
 
 

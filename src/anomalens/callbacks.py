@@ -2,7 +2,7 @@
 
 The engine calls hooks in this order:
     on_run_start -> on_fit_start -> on_fit_end -> on_calibrate_end
-    -> on_test_batch_end (per batch) -> on_test_end -> on_run_end
+    -> on_test_start -> on_test_batch_end (per batch) -> on_test_end -> on_run_end
 and on_exception if anything fails.  A callback that raises is reported once and disabled, so
 a broken tracker never fails or corrupts a run.
 """
@@ -34,6 +34,9 @@ class Callback:
 
     def on_calibrate_end(self, engine: Engine) -> None:
         """Thresholds and normalisation are fitted on the validation split."""
+
+    def on_test_start(self, engine: Engine) -> None:
+        """The test pass begins."""
 
     def on_test_batch_end(self, engine: Engine, batch: Batch, output: AnomalyOutput) -> None:
         """A post-processed test batch is ready."""
@@ -76,6 +79,8 @@ class Timer(Callback):
 
     def on_calibrate_end(self, engine: Engine) -> None:
         engine.timings["calibrate_seconds"] = time.perf_counter() - self._t
+
+    def on_test_start(self, engine: Engine) -> None:
         self._t = time.perf_counter()
 
     def on_test_end(self, engine: Engine, metrics: dict[str, float]) -> None:

@@ -154,6 +154,7 @@ class Engine:
     def test(self, records: Sequence[Any] | None = None) -> dict[str, float]:
         from .metrics import compute_metrics
 
+        self.callbacks("on_test_start", self)
         preds = self.infer(self.splits.test if records is None else records, "Testing", notify=True)
         metrics = compute_metrics(preds.label, preds.score, preds.anomaly_map, preds.mask, preds.has_mask,
                                   float(self.postprocessor.image_threshold), float(self.postprocessor.pixel_threshold))

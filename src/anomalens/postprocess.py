@@ -16,11 +16,11 @@ float32 values for scores hundreds of scales above the threshold.
 from __future__ import annotations
 
 import dataclasses
-from statistics import NormalDist
 from typing import Any
 
 import numpy as np
 import torch
+from scipy.stats import t as student_t
 from torch import nn
 
 from .errors import AnyOf, ConfigError, DataError, Interval, IsType, OneOf, validate_params
@@ -71,6 +71,11 @@ class PostProcessor(nn.Module):
         return METHODS[int(self.methods[1])]
 
     @property
+    def method(self) -> str:
+        """The image threshold's method: the one a run summary reports."""
+        return self.image_method
+
+    @property
     def is_fitted(self) -> bool:
         return self.image_method != "unfitted"
 
@@ -106,6 +111,8 @@ class PostProcessor(nn.Module):
         a = as_numpy(maps)
         if not (len(s) == len(y) == len(a)):
             raise DataError(f"scores, labels and maps must cover the same images; got {len(s)}, {len(y)} and {len(a)}.")
+        if np.isnan(s).any() or np.isnan(a).any():
+            raise DataError("The validation scores or maps contain NaN; the model produced invalid output.")
         good = y == 0
         if not good.any():
             raise DataError("The validation split has no good images; the post-processor needs some to set its thresholds "
@@ -130,7 +137,7 @@ class PostProcessor(nn.Module):
         # Pixel threshold.
         empty_masks = np.zeros_like(a, dtype=bool) if masks is None else masks
         gt, pixel_maps = pixel_evaluation_set(y, empty_masks, a, has_mask)
-        good_maps = as_numpy(a)[good].reshape(int(good.sum()), -1)
+        good_maps = a[good].reshape(int(good.sum()), -1)
         if manual_pixel_threshold is not None:
             pixel_t, pixel_method = _to_float32(manual_pixel_threshold), "manual"
         elif method in ("f1", "manual") and gt.any():
@@ -139,15 +146,12 @@ class PostProcessor(nn.Module):
             maxima = good_maps.max(axis=1).astype(np.float64)
             pixel_t, pixel_method = false_alarm_threshold(maxima, false_alarm_rate), "false_alarm_rate"
 
-        self._set("image_threshold", image_t)
-        self._set("pixel_threshold", pixel_t)
-        self._set("image_scale", normalisation_scale(s[good], image_t))
-        self._set("pixel_scale", normalisation_scale(good_maps.ravel(), pixel_t))
+        self.image_threshold.fill_(image_t)
+        self.pixel_threshold.fill_(pixel_t)
+        self.image_scale.fill_(normalisation_scale(s[good], image_t))
+        self.pixel_scale.fill_(normalisation_scale(good_maps.ravel(), pixel_t))
         self.methods.copy_(torch.tensor([METHODS.index(method), METHODS.index(pixel_method)]))
         return self
-
-    def _set(self, name: str, value: float) -> None:
-        getattr(self, name).fill_(value)
 
     # -- applying ----------------------------------------------------------------------------
     def forward(self, output: AnomalyOutput) -> AnomalyOutput:
@@ -185,16 +189,17 @@ def false_alarm_threshold(good_scores: Any, rate: float) -> float:
     at the k-th largest of n good scores rejects a new good part with probability k / (n + 1) on
     average, so this estimate is unbiased for the false-alarm rate instead of ~1/n too high.
     With fewer than about 1/rate good scores the data cannot resolve that quantile (it would be
-    clamped to the maximum); we then also take a Gaussian-tail estimate mean + z * std and keep
-    the larger, so a small validation set does not lead to undershooting.
+    clamped to the maximum); we then also take the Gaussian prediction bound
+    mean + t_(n-1) * std * sqrt(1 + 1/n) (exactly `rate` for Gaussian scores, accounting for the
+    noise in mean and std) and keep the larger, so a small validation set does not undershoot.
     Ties at the threshold (quantised scores) would reject all tied parts; we step just above them.
     """
     g = np.sort(as_numpy(good_scores).reshape(-1).astype(np.float64))
     n = g.size
     t = float(np.quantile(g, 1.0 - rate, method="weibull"))
-    if (n + 1) * (1.0 - rate) > n:
-        std = float(g.std(ddof=1)) if n > 1 else 0.0
-        t = max(t, float(g.mean()) + NormalDist().inv_cdf(1.0 - rate) * std)
+    if (n + 1) * (1.0 - rate) > n and n > 1:
+        bound = g.mean() + student_t.ppf(1.0 - rate, n - 1) * g.std(ddof=1) * np.sqrt(1.0 + 1.0 / n)
+        t = max(t, float(bound))
     t32 = np.float32(t)
     g32 = g.astype(np.float32)
     if np.count_nonzero(g32 >= t32) > max(rate * n, np.count_nonzero(g32 > t32)):

@@ -1,13 +1,17 @@
-"""Greedy k-center coreset selection (Gonzalez 1985; PatchCore's Algorithm 1), fast and memory-bounded.
+"""Greedy k-center coreset selection (Gonzalez 1985; PatchCore's Algorithm 1), exact and fast.
 
-The textbook loop picks the point farthest from the selected set, then refreshes the distance of
-*every* point to the set: one (N x d) pass per step, which makes it memory-bandwidth bound
-(anomalib's version needs minutes for 60 images).  `greedy_coreset(method="greedy")` returns the
-*same* selection but skips the points the new centre cannot be nearer to, by the triangle
-inequality: a point p whose nearest centre is c_j can only move to the new centre c if
-d(c, c_j) < 2 d(p, c_j).  Late in the loop the new centre is far from almost every cluster, so a
-step touches a few hundred points instead of N; what remains per step is a handful of O(N) scalar
-passes (argmax, gather, compare) that read ~2% of the bytes of the textbook loop.
+The textbook loop adds one centre per step, the point farthest from the centres so far, then
+refreshes every point's distance to its nearest centre: one matrix-vector pass over all N points
+per centre, memory-bandwidth bound (anomalib's version needs ~3 minutes for 60 images at 256 px).
+
+`greedy_coreset` returns the *same* centres with matrix-matrix products instead.  Take the m
+farthest points as a pool; tau = the (m+1)-th largest distance bounds every point outside the
+pool.  Run the greedy steps inside the pool (m x m distances): as long as the best pool point is
+at least tau away from the centres it is the global farthest point, exactly as in the textbook
+loop.  Only when it drops below tau are all N points refreshed, with one product against the
+whole batch of new centres (typically a few hundred).  Same FLOPs as the textbook loop, but
+compute-bound BLAS-3 instead of bandwidth-bound BLAS-2: ~10x less time on one core, ~100x less
+than anomalib's loop (see benchmarks/coreset_speed.py).
 """
 from __future__ import annotations
 
@@ -16,85 +20,85 @@ import math
 import torch
 
 from ..progress import track
-from .knn import nearest_distances
+from .knn import nearest_distances, squared_distances
 
-# Steps per progress-bar update: updating the bar every step would cost more than the step.
-_PROGRESS_EVERY = 512
+POOL_SIZE = 512  # farthest points examined per batch; measured fastest among 256..2048
+_CHUNK = 16384  # rows per (rows x batch) distance block when refreshing all points
 
 
 @torch.no_grad()
 def random_projection(x: torch.Tensor, dim: int, seed: int = 0, chunk: int = 65536) -> torch.Tensor:
-    """Johnson-Lindenstrauss projection of (N, D) rows to (N, dim) with a seeded Gaussian matrix.
+    """Johnson-Lindenstrauss projection of (N, D) rows to (N, dim) float32 with a seeded Gaussian matrix.
 
-    Entries are N(0, 1/dim) so that squared distances are preserved in expectation.  Returns
-    `x` itself (as contiguous float32) when dim >= D: projecting up only costs time.
+    Entries are N(0, 1/dim), so squared distances are preserved in expectation.  When dim >= D the
+    rows are returned unprojected (as float32): projecting up only costs time.
     """
     n, d = x.shape
     if dim >= d:
         return x.float().contiguous()
     gen = torch.Generator().manual_seed(seed)
-    proj = (torch.randn(d, dim, generator=gen, dtype=torch.float32) / math.sqrt(dim)).to(x.device)
+    proj = (torch.randn(d, dim, generator=gen) / math.sqrt(dim)).to(x.device)
     out = torch.empty(n, dim, dtype=torch.float32, device=x.device)
-    for s in range(0, n, chunk):  # chunked so a float64 or half input never gets a full float32 copy
+    for s in range(0, n, chunk):  # chunked: a float64 or half input never gets a full float32 copy
         torch.mm(x[s:s + chunk].float(), proj, out=out[s:s + chunk])
     return out
 
 
 @torch.no_grad()
-def greedy_coreset(x: torch.Tensor, size: int, *, method: str = "greedy", seed: int = 0,
-                   progress: bool = True) -> torch.Tensor:
-    """Indices (size,) of a greedy k-center coreset of the rows of `x` (N, d), in selection order.
+def greedy_coreset(x: torch.Tensor, size: int, *, seed: int = 0, progress: bool = True,
+                   pool_size: int = POOL_SIZE) -> torch.Tensor:
+    """Indices (size,) of the greedy k-center coreset of the rows of `x` (N, d), in selection order.
 
-    method: "greedy" is exact (identical to the textbook loop); "approx" is documented in
-    `_greedy_batched`.  The first centre is drawn at random with `seed`.
+    The first centre is drawn with `seed`; every next one is the row farthest (Euclidean) from the
+    centres so far (ties broken arbitrarily).  Works in float32 (float64 input stays
+    float64).  Extra memory: O(N + pool_size^2 + 16384 * pool_size) floats.
     """
     n = x.shape[0]
     if not 1 <= size <= n:
         raise ValueError(f"coreset size must be in [1, {n}], got {size}")
-    if method not in ("greedy", "approx"):
-        raise ValueError(f"method must be 'greedy' or 'approx', got {method!r}")
     if size == n:
-        return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(x.device)
+        return torch.arange(n, device=x.device)
     start = int(torch.randint(n, (1,), generator=torch.Generator().manual_seed(seed)))
-    # Distances are translation invariant; centring shrinks the norms and so the rounding error.
-    x = x.float()
+    x = x if x.dtype == torch.float64 else x.float()
+    # Distances are translation invariant; centring shrinks the norms and so the rounding error
+    # of the ||a||^2 - 2ab + ||b||^2 products below.
     x = (x - x.mean(0)).contiguous()
-    return _greedy_exact(x, size, start, progress)
-
-
-def _sq_dist_to(x: torch.Tensor, c: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
-    """Exact squared distances of every row of x to the vector c, in chunks (no N x d temporary)."""
-    return torch.cat([(x[s:s + chunk] - c).square_().sum(1) for s in range(0, x.shape[0], chunk)])
-
-
-def _greedy_exact(x: torch.Tensor, size: int, start: int, progress: bool) -> torch.Tensor:
-    n, d = x.shape
     sq = (x * x).sum(1)
-    # Safety margin for the pruning test: the centre-to-centre distances below use the fast
-    # norm trick, whose float32 error is bounded by ~d * eps * ||a|| ||b|| (<= 1e-5 * max ||x||^2).
-    # A margin only adds candidates; it never changes the result.
-    tol = 3e-5 * float(sq.max())
+    min_d = squared_distances(x, x[start:start + 1], sq, sq[start:start + 1]).squeeze(1)
     selected = torch.empty(size, dtype=torch.long, device=x.device)
-    centers = x.new_empty(size, d)
-    centers_sq = x.new_empty(size)
-    min_d = _sq_dist_to(x, x[start])  # squared distance of every point to its nearest centre
-    nearest = torch.zeros(n, dtype=torch.long, device=x.device)  # which centre that is
-    selected[0], centers[0], centers_sq[0] = start, x[start], sq[start]
-
-    blocks = range(1, size, _PROGRESS_EVERY)
-    for first in track(blocks, "Coreset selection") if progress else blocks:
-        for t in range(first, min(first + _PROGRESS_EVERY, size)):
-            c = int(min_d.argmax())  # the farthest point becomes the next centre
-            xc = x[c]
-            selected[t], centers[t], centers_sq[t] = c, xc, sq[c]
-            # d(c, c_j)^2 for every earlier centre j, then the per-cluster bound d(c, c_j)^2 / 4.
-            bound = torch.addmv(centers_sq[:t], centers[:t], xc, alpha=-2.0).add_(sq[c] - tol).mul_(0.25 / (1 + 1e-4))
-            cand = (min_d > bound[nearest]).nonzero().squeeze(1)
-            dist = (x.index_select(0, cand) - xc).square_().sum(1)
-            closer = dist < min_d.index_select(0, cand)
-            moved = cand[closer]
-            min_d[moved] = dist[closer]
-            nearest[moved] = t
+    selected[0] = start
+    done = 1
+    # One progress tick per centre; the bar's generator only counts an item when asked for the next.
+    ticks = track(range(size), "Coreset selection") if progress else iter(())
+    next(ticks, None)
+    next(ticks, None)  # the first centre
+    try:
+        while done < size:
+            m = min(pool_size, n - 1)
+            vals, pool = min_d.topk(m + 1)
+            tau = float(vals[m])  # no point outside the pool is farther than this
+            pool, pool_d = pool[:m], vals[:m].clone()
+            pool_x, pool_sq = x.index_select(0, pool), sq.index_select(0, pool)
+            pool_pair = squared_distances(pool_x, pool_x, pool_sq, pool_sq)
+            picks: list[int] = []
+            while done + len(picks) < size:
+                k = int(pool_d.argmax())
+                if float(pool_d[k]) < tau:  # an outside point may now be the farthest: refresh all
+                    break
+                picks.append(k)
+                torch.minimum(pool_d, pool_pair[k], out=pool_d)
+            new = pool[torch.tensor(picks, device=x.device)]
+            selected[done:done + len(picks)] = new
+            done += len(picks)
+            for _ in picks:
+                next(ticks, None)
+            c, c_sq = x.index_select(0, new), sq.index_select(0, new)
+            for s in range(0, n, _CHUNK):
+                nearest_new = squared_distances(x[s:s + _CHUNK], c, sq[s:s + _CHUNK], c_sq).amin(1)
+                torch.minimum(min_d[s:s + _CHUNK], nearest_new, out=min_d[s:s + _CHUNK])
+    finally:
+        if progress:
+            ticks.close()  # type: ignore[attr-defined]  # ends the progress bar
     return selected
 
 

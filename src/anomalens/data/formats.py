@@ -226,10 +226,11 @@ def layout_records(cfg: Any, seed: int = 0) -> Split:
     if fmt not in FORMATS:
         raise param_error("the data config", "format", "one of " + ", ".join(repr(f) for f in FORMATS), fmt)
     if fmt == "demo":
-        from .demo import default_demo_root, ensure_demo, read_marker
+        from .demo import DEMO_VERSION, default_demo_root, ensure_demo, read_marker
 
         root = Path(cfg.root).expanduser() if cfg.root else default_demo_root()
-        if read_marker(root) is None:  # an existing demo set of any size is used as it is
+        marker = read_marker(root)
+        if marker is None or marker.get("version") != DEMO_VERSION:  # a current demo set of any size is used as is
             ensure_demo(root)
         return mvtec_records(root, cfg.category)
     if not cfg.root:

@@ -97,8 +97,8 @@ def read_image(path: str | Path) -> np.ndarray:
     """Read any supported image as uint8 RGB (H, W, 3); raise DataError naming the file if it can't be read."""
     arr = _decode(path, "image", _to_channels)
     if arr.ndim == 2:
-        arr = np.repeat(arr[..., None], 3, axis=2)
-    return np.ascontiguousarray(arr[..., :3], dtype=np.uint8)
+        return np.repeat(arr[..., None], 3, axis=2)
+    return np.array(arr[..., :3], dtype=np.uint8, order="C")  # a writable copy, never Pillow's buffer
 
 
 def _mask_values(img: Image.Image) -> np.ndarray:

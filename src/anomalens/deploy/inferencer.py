@@ -75,6 +75,13 @@ class Inferencer:
             yield chunk, batch, self.predict(batch)
 
 
+def _relative_png(path: Path, source: str | Path) -> Path:
+    """Mirror the input's sub-folders so that test/good/000.png and test/hole/000.png both survive."""
+    root = Path(source)
+    rel = path.relative_to(root) if root.is_dir() else Path(path.name)
+    return rel.with_suffix(".png")
+
+
 def predict_to_folder(inferencer: Inferencer, source: str | Path, out_dir: str | Path, batch_size: int = 16,
                       mode: str = "full", save_images: bool = True) -> Path:
     """Score every image of `source`; write predictions.csv and heat-map images to out_dir."""
@@ -94,7 +101,7 @@ def predict_to_folder(inferencer: Inferencer, source: str | Path, out_dir: str |
             if save_images:
                 picture = render(images[i], res.norm_map[i].cpu(), pred_mask=res.pred_mask[i].cpu(),
                                  score=float(res.norm_score[i]), label=label, mode=mode, title=path.name)
-                save_image(picture, out / "images" / f"{path.stem}.png")
+                save_image(picture, out / "images" / _relative_png(path, source))
     csv_path = out / "predictions.csv"
     with open(csv_path, "w", newline="") as fh:
         writer = csv.writer(fh)

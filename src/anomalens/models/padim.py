@@ -103,11 +103,9 @@ class PaDiM(AnomalyModel):
             accumulator.update(embedding.flatten(2).transpose(1, 2))  # (B, h*w, D)
         if grid is None:
             raise DataError("PaDiM.fit got no training images; give it at least 2 good images.")
-        mean, cov = accumulator.finalize(COVARIANCE_EPS)
-        inv_cov = torch.linalg.inv(cov)  # float64, then stored as float32
-        d = mean.shape[-1]
-        self.mean = mean.to(torch.float32).reshape(*grid, d)
-        self.inv_cov = inv_cov.to(torch.float32).reshape(*grid, d, d)
+        d = len(self.index)
+        self.mean = accumulator.mean().to(torch.float32).reshape(*grid, d)
+        self.inv_cov = accumulator.precision(COVARIANCE_EPS, torch.float32).reshape(*grid, d, d)
         return self
 
     def forward(self, images: torch.Tensor) -> AnomalyOutput:

@@ -1,0 +1,144 @@
+"""PaDiM: Gaussian maths against numpy/scipy, fit/predict behaviour on tiny synthetic images, checkpoints."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy.spatial.distance import mahalanobis as scipy_mahalanobis
+
+from anomalens import create_model, list_models
+from anomalens.components.gaussian import GaussianAccumulator, mahalanobis
+from anomalens.data.sample import Batch
+from anomalens.errors import AnomalensError, ConfigError, DataError
+
+SIZE = 64
+SQUARE = (slice(20, 36), slice(30, 46))  # rows, cols of the pasted defect
+
+
+def _textures(n: int, seed: int) -> torch.Tensor:
+    """Smooth noise textures (n, 3, SIZE, SIZE) in [0, 1]: grey with low-frequency colour blotches."""
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(n, 3, SIZE // 8, SIZE // 8, generator=g)
+    smooth = F.interpolate(noise, size=(SIZE, SIZE), mode="bicubic", align_corners=False)
+    return (0.45 + 0.08 * smooth).clamp(0, 1)
+
+
+def _batch(images: torch.Tensor) -> Batch:
+    n = images.shape[0]
+    return Batch(image=images, label=torch.zeros(n, dtype=torch.long), mask=torch.zeros(n, 1, SIZE, SIZE),
+                 has_mask=torch.zeros(n, dtype=torch.bool))
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    train = _textures(10, seed=0)
+    model = create_model("padim")
+    return model.fit([_batch(train[:4]), _batch(train[4:])]), train
+
+
+# --------------------------------------------------------------------------- Gaussian maths
+def test_accumulator_matches_numpy_cov_over_uneven_batches():
+    rng = np.random.default_rng(0)
+    # A large common offset checks that the online sums do not lose precision.
+    x = rng.normal(size=(8, 3, 5)) * rng.uniform(0.5, 2, size=(1, 1, 5)) + 1000.0
+    acc = GaussianAccumulator()
+    for part in (x[:3], x[3:4], x[4:]):
+        acc.update(torch.from_numpy(part))
+    mean, cov = acc.mean(), acc.covariance(eps=0.01)
+    inv_cov = acc.precision(eps=0.01, dtype=torch.float64, chunk=2)  # chunk < P exercises the chunked loop
+    for p in range(3):
+        expected = np.cov(x[:, p], rowvar=False) + 0.01 * np.eye(5)
+        np.testing.assert_allclose(mean[p].numpy(), x[:, p].mean(0), rtol=0, atol=1e-9)
+        np.testing.assert_allclose(cov[p].numpy(), expected, atol=1e-9)
+        np.testing.assert_allclose(inv_cov[p].numpy(), np.linalg.inv(expected), rtol=1e-7, atol=1e-9)
+
+
+def test_accumulator_needs_two_samples():
+    acc = GaussianAccumulator()
+    acc.update(torch.zeros(1, 2, 3))
+    with pytest.raises(DataError, match="at least 2 training images; got 1"):
+        acc.covariance()
+
+
+def test_mahalanobis_matches_scipy():
+    rng = np.random.default_rng(1)
+    b, p, d = 3, 4, 6
+    x, mean = rng.normal(size=(b, p, d)), rng.normal(size=(p, d))
+    a = rng.normal(size=(p, d, d))
+    inv_cov = np.linalg.inv(a @ a.transpose(0, 2, 1) + 0.1 * np.eye(d))
+    got = mahalanobis(*(torch.from_numpy(v).float() for v in (x, mean, inv_cov)))
+    expected = [[scipy_mahalanobis(x[i, j], mean[j], inv_cov[j]) for j in range(p)] for i in range(b)]
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------- model
+def test_registered_with_declared_defaults():
+    assert "padim" in list_models()
+    model = create_model("padim", n_features=20, seed=3)
+    assert model.tags["trainable"] is False and model.description
+    assert model.backbone.channels == [24, 40, 112] and model.backbone.strides == [4, 8, 16]
+    # The channel subset is a seeded draw: reproducible, seed-dependent, without repeats.
+    assert torch.equal(model.index, create_model("padim", n_features=20, seed=3).index)
+    assert not torch.equal(model.index, create_model("padim", n_features=20, seed=4).index)
+    assert model.index.unique().numel() == 20 and int(model.index.max()) < 176
+
+
+def test_fit_stores_the_papers_gaussians(fitted):
+    model, train = fitted
+    with torch.no_grad():
+        emb = model._embed(train).permute(0, 2, 3, 1).double().numpy()  # (N, h, w, D)
+    assert model.mean.shape == (16, 16, 100) and model.inv_cov.shape == (16, 16, 100, 100)
+    for i, j in [(0, 0), (7, 11), (15, 15)]:
+        cov = np.cov(emb[:, i, j], rowvar=False) + 0.01 * np.eye(100)
+        np.testing.assert_allclose(model.mean[i, j].numpy(), emb[:, i, j].mean(0), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(model.inv_cov[i, j].double().numpy(), np.linalg.inv(cov), rtol=1e-3, atol=1e-3)
+
+
+def test_defect_scores_higher_and_map_peaks_inside_it(fitted):
+    model, _ = fitted
+    normals = _textures(3, seed=1)
+    defect = _textures(1, seed=2)
+    defect[:, :, SQUARE[0], SQUARE[1]] = 1.0
+    with torch.no_grad():
+        out = model(torch.cat([normals, defect]))
+    assert out.score.shape == (4,) and out.anomaly_map.shape == (4, 1, SIZE, SIZE)
+    assert torch.isfinite(out.anomaly_map).all() and (out.anomaly_map >= 0).all()
+    assert out.score[3] > out.score[:3].max()
+    # The score is the map's maximum, and the defect image's peak lies inside the square.
+    torch.testing.assert_close(out.score, out.anomaly_map.flatten(1).amax(1))
+    row, col = divmod(int(out.anomaly_map[3, 0].argmax()), SIZE)
+    assert SQUARE[0].start <= row < SQUARE[0].stop and SQUARE[1].start <= col < SQUARE[1].stop
+
+
+def test_state_dict_round_trip_gives_identical_outputs(fitted):
+    model, _ = fitted
+    images = _textures(2, seed=5)
+    fresh = create_model("padim")
+    fresh.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        a, b = model(images), fresh(images)
+    assert torch.equal(a.score, b.score) and torch.equal(a.anomaly_map, b.anomaly_map)
+
+
+def test_unfitted_model_refuses_to_predict():
+    with pytest.raises(AnomalensError, match=r"^PaDiM is not fitted; call fit\(\) first\.$"):
+        create_model("padim")(torch.rand(1, 3, SIZE, SIZE))
+
+
+def test_other_input_size_is_a_clear_error(fitted):
+    model, _ = fitted
+    with pytest.raises(DataError, match="fitted on a 16x16 feature grid but this 96x96 input gives 24x24"):
+        model(torch.rand(1, 3, 96, 96))
+
+
+@pytest.mark.parametrize(("value", "expected"), [(0, "an int in [1, inf)"), (177, "an int in [1, 176]")])
+def test_invalid_n_features(value, expected):
+    with pytest.raises(ConfigError) as err:
+        create_model("padim", n_features=value)
+    assert str(err.value) == f"The 'n_features' parameter of PaDiM must be {expected}. Got {value} instead."
+
+
+def test_fit_needs_images():
+    with pytest.raises(DataError, match="no training images"):
+        create_model("padim", n_features=10).fit([])

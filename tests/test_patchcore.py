@@ -1,0 +1,175 @@
+"""PatchCore: features, bank, scores (eq. 7) against independent computations; behaviour on tiny images."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from anomalens import create_model
+from anomalens.data.sample import Batch
+from anomalens.errors import AnomalensError, ConfigError, DataError
+
+SIZE = 64
+SQUARE = (slice(20, 36), slice(30, 46))  # rows, cols of the pasted defect
+
+
+def textures(n: int, seed: int, size: int = SIZE) -> torch.Tensor:
+    """Smooth noise textures (n, 3, size, size) in [0, 1]: the good parts."""
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(n, 3, size // 8, size // 8, generator=g)
+    return (0.45 + 0.08 * F.interpolate(noise, size=(size, size), mode="bicubic", align_corners=False)).clamp(0, 1)
+
+
+def batch(images: torch.Tensor) -> Batch:
+    n = images.shape[0]
+    return Batch(image=images, label=torch.zeros(n, dtype=torch.long), mask=torch.zeros(n, 1, SIZE, SIZE),
+                 has_mask=torch.zeros(n, dtype=torch.bool))
+
+
+def tiny(**params) -> torch.nn.Module:
+    """A random-init backbone fitted on 8 textures: fast, for the mechanics."""
+    return create_model("patchcore", weights="none", **params).fit([batch(textures(4, 0)), textures(4, 1)]).eval()
+
+
+@pytest.fixture(scope="module")
+def pretrained():
+    """The default configuration (ImageNet lite0), fitted on 12 good textures."""
+    return create_model("patchcore").fit([batch(textures(6, 0)), batch(textures(6, 1))]).eval()
+
+
+# --------------------------------------------------------------------------- behaviour
+def test_defects_score_higher_and_the_map_peaks_inside_the_square(pretrained):
+    normal = textures(6, seed=2)
+    broken = normal.clone()
+    broken[:, :, SQUARE[0], SQUARE[1]] = 1.0  # a bright square
+    with torch.no_grad():
+        good, bad = pretrained(normal), pretrained(broken)
+    assert bad.score.min() > 1.5 * good.score.max()
+    peak = bad.anomaly_map.flatten(1).argmax(1)
+    rows, cols = peak // SIZE, peak % SIZE
+    assert ((rows >= 20) & (rows < 36) & (cols >= 30) & (cols < 46)).all()
+
+
+def test_shapes_bank_size_and_finite_outputs(pretrained):
+    # 12 images x (64 / 8)^2 patches = 768 patches; 10 % kept; 40 + 112 channels.
+    assert pretrained.memory_bank.shape == (77, 152)
+    with torch.no_grad():
+        out = pretrained(textures(3, seed=3))
+    assert out.score.shape == (3,) and out.anomaly_map.shape == (3, 1, SIZE, SIZE)
+    assert torch.isfinite(out.score).all() and torch.isfinite(out.anomaly_map).all()
+    with torch.no_grad():  # the bank is position-free: any input size works
+        assert pretrained(textures(1, seed=3, size=96)).anomaly_map.shape == (1, 1, 96, 96)
+
+
+# --------------------------------------------------------------------------- maths
+def test_patch_features_are_3x3_means_with_the_deep_level_upsampled():
+    model = create_model("patchcore", weights="none").eval()
+    images = textures(1, seed=4)
+    with torch.no_grad():
+        shallow, deep = model.backbone(images)
+        embedding = model._embed(images)
+
+    def mean3x3(f):  # an explicit neighbourhood sum, zeros outside the grid, divided by 9
+        padded = F.pad(f, (1, 1, 1, 1))
+        h, w = f.shape[-2:]
+        return sum(padded[..., i:i + h, j:j + w] for i in range(3) for j in range(3)) / 9
+
+    deep = F.interpolate(mean3x3(deep), size=shallow.shape[-2:], mode="bilinear", align_corners=False)
+    expected = torch.cat([mean3x3(shallow), deep], dim=1)
+    assert embedding.shape == (1, 152, 8, 8)
+    torch.testing.assert_close(embedding, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_map_is_the_upsampled_nearest_neighbour_distance():
+    model = tiny(blur_sigma=0.0)
+    images = textures(2, seed=5)
+    with torch.no_grad():
+        out = model(images)
+        patches = model._embed(images).permute(0, 2, 3, 1).reshape(-1, 152).double()
+    nn_dist = torch.cdist(patches, model.memory_bank.double()).min(1).values.view(2, 1, 8, 8)
+    expected = F.interpolate(nn_dist, size=(SIZE, SIZE), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(out.anomaly_map.double(), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("k", [1, 3, 9])
+def test_image_score_is_eq_7(k):
+    model = tiny(num_neighbors=k)
+    images = textures(3, seed=6)
+    with torch.no_grad():
+        score = model(images).score.double()
+        patches = model._embed(images).permute(0, 2, 3, 1).reshape(3, 64, 152).double()
+    bank = model.memory_bank.double()
+    for b in range(3):
+        dist = torch.cdist(patches[b], bank)  # (64, M)
+        nn_dist, nn_idx = dist.min(1)
+        s_star, worst = nn_dist.max(0)
+        if k == 1:  # eq. 7 degenerates to 0; the model keeps s*
+            expected = s_star
+        else:
+            m_star = nn_idx[worst]
+            neighbours = torch.cdist(bank[m_star:m_star + 1], bank)[0].topk(k, largest=False).indices
+            weight = 1 - torch.exp(s_star) / torch.exp(dist[worst, neighbours]).sum()
+            expected = weight * s_star
+        assert float(score[b]) == pytest.approx(float(expected), rel=1e-4)
+
+
+def test_bank_rows_are_training_patches():
+    train = textures(8, seed=7)
+    model = create_model("patchcore", weights="none").fit([train]).eval()
+    with torch.no_grad():
+        patches = model._embed(train).permute(0, 2, 3, 1).reshape(-1, 152)
+    assert model.memory_bank.shape == (round(0.1 * len(patches)), 152)
+    assert (model.memory_bank[:, None] == patches[None]).all(2).any(1).all()  # each bank row is a patch, exactly
+    full = create_model("patchcore", weights="none", coreset_ratio=1.0)
+    full.load_state_dict(model.state_dict(), strict=False)  # same backbone weights
+    full.fit([train])
+    assert full.memory_bank.shape == patches.shape
+
+
+# --------------------------------------------------------------------------- determinism and checkpoints
+def test_same_seed_same_bank_other_seed_other_bank():
+    a, b = tiny(seed=3), tiny(seed=3)
+    b.backbone.load_state_dict(a.backbone.state_dict())  # random inits differ; compare the selection only
+    b.fit([batch(textures(4, 0)), textures(4, 1)])
+    assert torch.equal(a.memory_bank, b.memory_bank)
+    b.hparams["seed"] = 4
+    b.fit([batch(textures(4, 0)), textures(4, 1)])
+    assert not torch.equal(a.memory_bank, b.memory_bank)
+
+
+def test_state_dict_round_trip_into_a_fresh_model():
+    model = tiny()
+    images = textures(2, seed=8)
+    fresh = create_model("patchcore", weights="none")  # another random backbone, an empty bank
+    fresh.load_state_dict(model.state_dict())
+    fresh.eval()
+    with torch.no_grad():
+        before, after = model(images), fresh(images)
+    assert fresh.memory_bank.shape == model.memory_bank.shape
+    assert torch.equal(before.score, after.score) and torch.equal(before.anomaly_map, after.anomaly_map)
+
+
+# --------------------------------------------------------------------------- errors
+def test_predicting_before_fit_is_a_clear_error():
+    with pytest.raises(AnomalensError, match=r"^PatchCore is not fitted; call fit\(\) first\.$"):
+        create_model("patchcore", weights="none")(textures(1, seed=9))
+
+
+def test_fitting_on_nothing_is_a_data_error():
+    with pytest.raises(DataError, match="PatchCore.fit got no training images"):
+        create_model("patchcore", weights="none").fit([])
+
+
+@pytest.mark.parametrize("param, value, expected", [
+    ("coreset_ratio", 0, "a float in (0, 1]"),
+    ("coreset_ratio", 1.5, "a float in (0, 1]"),
+    ("projection_dim", 0, "an int in [1, inf)"),
+    ("num_neighbors", 0, "an int in [1, inf)"),
+    ("neighbourhood", 2, "one of 1, 3, 5, 7, 9"),
+    ("blur_sigma", -1.0, "a float in [0, inf)"),
+])
+def test_invalid_parameters_raise_the_standard_message(param, value, expected):
+    message = f"The '{param}' parameter of PatchCore must be {expected}. Got {value!r} instead."
+    with pytest.raises(ConfigError) as info:
+        create_model("patchcore", weights="none", **{param: value})
+    assert str(info.value) == message
