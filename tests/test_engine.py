@@ -95,8 +95,8 @@ def test_reloaded_run_reproduces_the_engine_decisions(padim_run):
 
     images = torch.stack([AnomalyDataset(records, 64)[i].image for i in range(len(records))])
     out = inferencer.predict(images)
-    expected = {p: s for p, s in zip(engine.test_predictions.path, engine.test_predictions.score)}
-    for record, score in zip(records, out.score):
+    expected = {p: s for p, s in zip(engine.test_predictions.path, engine.test_predictions.score, strict=True)}
+    for record, score in zip(records, out.score, strict=True):
         assert float(score) == pytest.approx(expected[record.path], rel=1e-5)
 
 

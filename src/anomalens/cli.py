@@ -1,4 +1,5 @@
-"""Command line: anomalens train | test | predict | models | data demo.
+"""Command line: anomalens train | test | models | data demo, plus the feature packages' commands
+(export | validate | predict | serve ...).
 
 Any config value can be overridden with a dotted flag, e.g.
     anomalens train --config configs/patchcore.yaml --dataset.root /data/mvtec --dataset.category bottle
@@ -97,19 +98,6 @@ def cmd_test(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     return 0
 
 
-def cmd_predict(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
-    from .deploy.inferencer import Inferencer, predict_to_folder
-
-    if overrides:
-        raise ConfigError(f"predict takes no config overrides. Got {', '.join(overrides)}.")
-    inferencer = Inferencer.load(args.run, device=args.device)
-    out_dir = Path(args.out) if args.out else Path(args.run) / "predictions"
-    csv_path = predict_to_folder(inferencer, args.input, out_dir, batch_size=args.batch_size, mode=args.mode,
-                                 save_images=not args.no_images)
-    _console().print(f"Predictions: [bold]{csv_path}[/bold]")
-    return 0
-
-
 def cmd_models(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     from rich.table import Table
 
@@ -145,16 +133,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, help="run folder")
     p.set_defaults(func=cmd_test)
 
-    p = sub.add_parser("predict", help="score new images with a trained run")
-    p.add_argument("--run", required=True, help="run folder or checkpoint file")
-    p.add_argument("--input", required=True, help="an image or a folder of images")
-    p.add_argument("--out", help="output folder (default: RUN/predictions)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--mode", choices=["full", "simple"], default="simple")
-    p.add_argument("--no-images", action="store_true", help="write the CSV only")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.set_defaults(func=cmd_predict)
-
     p = sub.add_parser("models", help="list the available models")
     p.set_defaults(func=cmd_models)
 
@@ -164,7 +142,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_data)
+
+    # Feature packages add their own sub-commands: each module has add_commands(subparsers),
+    # and each command function has the signature func(args, overrides) -> exit code.
+    import importlib
+
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).add_commands(sub)
     return parser
+
+
+# Modules that contribute sub-commands (their heavy imports stay inside the command functions).
+COMMAND_MODULES: list[str] = ["anomalens.deploy.commands", "anomalens.deploy.serve_command",
+                              "anomalens.loggers.commands"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from .errors import BOOL, STR, AnyOf, ConfigError, Constraint, Interval, ListOf, OneOf, param_error
+from .errors import BOOL, STR, AnyOf, ConfigError, Constraint, Interval, IsType, ListOf, OneOf, param_error
 
 NONE = OneOf(None)
 
@@ -66,14 +66,32 @@ class VisualizationConfig:
 
 @dataclass
 class LoggingConfig:
-    logger: Any = _rule(AnyOf(STR, ListOf(STR, 0)), "csv", "tracker name or list of names")
-    log_graph: bool = _rule(BOOL, False)
+    logger: Any = _rule(AnyOf(STR, ListOf(STR, 0)), "csv", "comet | mlflow | tensorboard | csv | none, or a list")
+    log_graph: bool = _rule(BOOL, False, "send the model graph to the trackers")
+    project: str | None = _rule(AnyOf(STR, NONE), None, "tracker project / experiment name (default: <dataset>-<category>)")
+    # Tracker sub-sections; their keys are checked by anomalens.loggers (same message shape).
+    comet: dict = _rule(IsType(dict, "a mapping"), {"mode": "auto", "workspace": None},
+                        "mode: auto (online when an API key is set) | online | offline; workspace")
+    mlflow: dict = _rule(IsType(dict, "a mapping"), {"tracking_uri": None},
+                         "tracking_uri (default: sqlite:///<project.root>/mlflow.db)")
+
+
+DICT = IsType(dict, "a mapping")
 
 
 @dataclass
 class TrainerConfig:
+    """Trained models only (null = the model's own default, see its file); device/progress for all."""
+
     device: str = _rule(OneOf("auto", "cpu", "cuda"), "auto")
-    max_epochs: int = _rule(Interval(int, 1), 1, "epochs for trained models")
+    max_epochs: int | None = _rule(AnyOf(Interval(int, 1), NONE), None, "epochs")
+    max_steps: int | None = _rule(AnyOf(Interval(int, 1), NONE), None, "stop after this many optimiser steps")
+    optimizer: dict | None = _rule(AnyOf(DICT, NONE), None, "{name: adam|adamw|sgd, lr, weight_decay, ...}")
+    scheduler: dict | None = _rule(AnyOf(DICT, NONE), None, "{name: cosine|step|multistep|exponential, ...}")
+    gradient_clip: float | None = _rule(AnyOf(Interval(float, 0, None, "neither"), NONE), None, "max grad norm")
+    precision: str = _rule(OneOf("32", "bf16-mixed", "16-mixed"), "32", "mixed precision")
+    val_every_n_epochs: int = _rule(Interval(int, 1), 1)
+    early_stopping: dict | None = _rule(AnyOf(DICT, NONE), None, "{monitor: val_loss|val_image_AUROC|..., patience}")
     progress: bool = _rule(BOOL, True, "show progress bars")
 
 
@@ -193,6 +211,10 @@ def validate_model_section(config: Config) -> None:
 
     cls = get_model_class(config.model_name)
     validate_params(cls.__name__, config.model_params, cls.constraints)
+    if cls.tags.get("trainable"):
+        from .training import TrainSettings
+
+        TrainSettings.resolve(cls.training_defaults, asdict(config.trainer))
 
 
 def parse_value(text: str) -> Any:

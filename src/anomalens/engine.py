@@ -58,6 +58,19 @@ def make_loader(records: Sequence[Any], config: Config, shuffle: bool = False) -
                       num_workers=config.dataset.num_workers, collate_fn=Batch.collate)
 
 
+class OnDevice:
+    """A loader whose batches arrive on `device`; keeps len() so progress bars know the total."""
+
+    def __init__(self, loader: DataLoader, device: torch.device):
+        self.loader, self.device = loader, device
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        return (batch.to(self.device) for batch in self.loader)
+
+
 @dataclass
 class Predictions:
     """Everything the engine keeps of a pass over a split, as numpy arrays."""
@@ -101,7 +114,9 @@ class Engine:
         base: list[Callback] = [Timer()]
         if vis.save_images or vis.show_images:
             base.append(ImageWriter(vis.mode, vis.save_images, vis.show_images, vis.max_images))
-        self.callbacks = CallbackList([*base, *callbacks])
+        from .loggers import build_trackers
+
+        self.callbacks = CallbackList([*base, *build_trackers(config), *callbacks])
 
     # -- run folder ---------------------------------------------------------------------------
     def make_run_dir(self) -> Path:
@@ -130,11 +145,50 @@ class Engine:
         self.callbacks("on_fit_start", self)
         seed_everything(self.config.seed)
         model = build_model(self.config).to(self.device)
-        loader = make_loader(self.splits.train, self.config)
-        model.fit(batch.to(self.device) for batch in loader)
+        if model.tags.get("trainable"):
+            self.train(model)
+        else:
+            model.fit(OnDevice(make_loader(self.splits.train, self.config), self.device))
         self.model = model.eval()
         self.callbacks("on_fit_end", self)
         return self.model
+
+    def train(self, model: AnomalyModel) -> None:
+        """The shared training loop, validating on the validation split each epoch."""
+        from dataclasses import asdict
+
+        from .training import Trainer, TrainSettings
+
+        settings = TrainSettings.resolve(model.training_defaults, asdict(self.config.trainer))
+        train_batches = OnDevice(make_loader(self.splits.train, self.config, shuffle=True), self.device)
+        self.model = model
+
+        def validate() -> dict[str, float]:
+            return self.validation_logs(model)
+
+        def epoch_end(epoch: int, logs: dict[str, float]) -> None:
+            self.callbacks("on_train_epoch_end", self, epoch, logs)
+
+        trainer = Trainer(model, settings, self.device, validate=validate if self.splits.val else None,
+                          on_epoch_end=epoch_end)
+        self.history = trainer.fit(train_batches)
+        self.best_epoch = trainer.best_epoch
+
+    @torch.no_grad()
+    def validation_logs(self, model: AnomalyModel) -> dict[str, float]:
+        """val_loss (the training objective on held-out images) and, when defects exist, AUROC/AUPRO."""
+        from .metrics import compute_metrics
+
+        losses = []
+        for batch in OnDevice(make_loader(self.splits.val, self.config), self.device):
+            losses.append(float(model.training_step(batch)["loss"]))
+        logs = {"val_loss": float(np.mean(losses))}
+        preds = self.infer(self.splits.val, "Validating")
+        if len(set(preds.label.tolist()) & {0, 1}) == 2:
+            m = compute_metrics(preds.label, preds.score, preds.anomaly_map, preds.mask, preds.has_mask,
+                                float("nan"), float("nan"))
+            logs.update({f"val_{k}": m[k] for k in ("image_AUROC", "pixel_AUROC", "pixel_AUPRO")})
+        return logs
 
     def calibrate(self) -> None:
         """Fit thresholds and normalisation on the validation split (never on the test split)."""

@@ -16,10 +16,11 @@ than anomalib's loop (see benchmarks/coreset_speed.py).
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 import torch
 
-from ..progress import track
+from ..progress import Bar, bar
 from .knn import nearest_distances, squared_distances
 
 POOL_SIZE = 512  # farthest points examined per batch; measured fastest among 256..2048
@@ -68,11 +69,8 @@ def greedy_coreset(x: torch.Tensor, size: int, *, seed: int = 0, progress: bool 
     selected = torch.empty(size, dtype=torch.long, device=x.device)
     selected[0] = start
     done = 1
-    # One progress tick per centre; the bar's generator only counts an item when asked for the next.
-    ticks = track(range(size), "Coreset selection") if progress else iter(())
-    next(ticks, None)
-    next(ticks, None)  # the first centre
-    try:
+    with bar("Coreset selection", total=size) if progress else nullcontext(Bar()) as ticks:
+        ticks.advance()  # the first centre
         while done < size:
             m = min(pool_size, n - 1)
             vals, pool = min_d.topk(m + 1)
@@ -90,15 +88,11 @@ def greedy_coreset(x: torch.Tensor, size: int, *, seed: int = 0, progress: bool 
             new = pool[torch.tensor(picks, device=x.device)]
             selected[done:done + len(picks)] = new
             done += len(picks)
-            for _ in picks:
-                next(ticks, None)
+            ticks.advance(len(picks))
             c, c_sq = x.index_select(0, new), sq.index_select(0, new)
             for s in range(0, n, _CHUNK):
                 nearest_new = squared_distances(x[s:s + _CHUNK], c, sq[s:s + _CHUNK], c_sq).amin(1)
                 torch.minimum(min_d[s:s + _CHUNK], nearest_new, out=min_d[s:s + _CHUNK])
-    finally:
-        if progress:
-            ticks.close()  # type: ignore[attr-defined]  # ends the progress bar
     return selected
 
 

@@ -51,10 +51,35 @@ class AnomalyModel(nn.Module):
         validate_params(type(self).__name__, params, self.constraints)
         self.hparams: dict[str, Any] = {**self.defaults, **params}
 
+    # Trained models: the paper's (or a CPU-feasible) training recipe, overridable from the
+    # config's trainer section: max_epochs, optimizer {name, lr, ...}, scheduler, gradient_clip.
+    training_defaults: ClassVar[dict[str, Any]] = {}
+
     # -- contract ---------------------------------------------------------------------------
-    def fit(self, batches: Iterable[Batch]) -> AnomalyModel:
-        """Learn from batches of good images (`batch.image`); return self. Use `anomalens.progress.track` for long loops."""
+    def fit(self, batches: Iterable[Batch], **train_overrides: Any) -> AnomalyModel:
+        """Learn from batches of good images (`batch.image`); return self.
+
+        Memory-bank models override this (use `anomalens.progress.track` for long loops).  Trained
+        models implement `training_step` instead and inherit this: the shared loop with their
+        `training_defaults` (the engine runs the same loop with validation and early stopping).
+        """
+        if not self.tags.get("trainable"):
+            raise NotImplementedError(f"{type(self).__name__} must implement fit()")
+        from ..training import Trainer, TrainSettings
+
+        device = next(self.parameters()).device
+        Trainer(self, TrainSettings.resolve(self.training_defaults, train_overrides), device).fit(batches)
+        return self
+
+    def training_step(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """Trained models: one optimisation step's losses; the key 'loss' is minimised."""
         raise NotImplementedError
+
+    def on_train_start(self, batches: Iterable[Batch]) -> None:
+        """Trained models: called once before the first epoch (e.g. feature statistics)."""
+
+    def prepare_inference(self, batches: Iterable[Batch]) -> None:
+        """Trained models: called after training and before each validation (e.g. map quantiles)."""
 
     def forward(self, images: torch.Tensor) -> AnomalyOutput:  # pragma: no cover - interface
         raise NotImplementedError

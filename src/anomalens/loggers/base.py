@@ -1,0 +1,271 @@
+"""What every tracker logs, and when; a tracker module only says *how* (the backend methods).
+
+    on_run_start       start; parameters (flattened config); tags (model, dataset, git, system); packages; code
+    on_train_epoch_end per-epoch losses and validation metrics, step = epoch
+    on_calibrate_end   model graph (when logging.log_graph); system load, fit/calibration durations
+    on_test_end        final metrics (AUROC, F1, AUPRO, thresholds, false-reject and escape rates)
+    on_run_end         system load, durations, prediction images, the per-image score table; finish
+
+A backend error propagates to the engine's CallbackList, which warns once and disables the
+tracker; before it does, the tracker closes its run (marked failed) so nothing is left half open.
+The local record in the run folder never depends on a tracker.
+"""
+from __future__ import annotations
+
+import csv
+import math
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+from urllib.parse import urlparse
+
+import numpy as np
+
+from ..callbacks import Callback
+from ..errors import ConfigError
+from . import system
+
+if TYPE_CHECKING:
+    from ..config import Config
+    from ..data.sample import Batch
+    from ..engine import Engine
+    from ..models.base import AnomalyOutput
+
+# Defaults and allowed values of the tracker sub-sections of `logging` (config.LoggingConfig).
+SUBSECTIONS: dict[str, dict[str, Any]] = {
+    "comet": {"mode": "auto", "workspace": None},
+    "mlflow": {"tracking_uri": None},
+}
+_CHOICES = {("comet", "mode"): ("auto", "online", "offline")}
+
+
+def settings(config: Config, tracker: str) -> dict[str, Any]:
+    """`logging.<tracker>` merged over its defaults, every key and value checked."""
+    values = {**SUBSECTIONS[tracker], **(getattr(config.logging, tracker) or {})}
+    for key, value in values.items():
+        if key not in SUBSECTIONS[tracker]:
+            allowed = ", ".join(sorted(SUBSECTIONS[tracker]))
+            raise ConfigError(f"Unknown config key 'logging.{tracker}.{key}'. Allowed keys in "
+                              f"'logging.{tracker}': {allowed}.")
+        choices = _CHOICES.get((tracker, key))
+        ok = value in choices if choices else value is None or isinstance(value, str)
+        if not ok:
+            expected = "one of " + ", ".join(repr(c) for c in choices) if choices else "a str or None"
+            raise ConfigError(f"The 'logging.{tracker}.{key}' parameter of the config must be {expected}. "
+                              f"Got {value!r} instead.")
+    return values
+
+
+def project_name(config: Config) -> str:
+    """Tracker project / experiment: `logging.project`, else '<dataset>-<category>' (e.g. mvtec-bottle)."""
+    return config.logging.project or f"{config.dataset_name}-{config.dataset.category}"
+
+
+def run_name(engine: Engine) -> str:
+    """'<model>-<run folder>', e.g. padim-2024-05-01_10-00-00: unique within a project."""
+    return f"{engine.config.model_name}-{engine.run_dir.name}"
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def finite(metrics: dict[str, Any]) -> dict[str, float]:
+    """Numbers only, NaN/inf dropped (a metric that cannot be computed, e.g. pixel AUROC without masks)."""
+    out = {}
+    for key, value in metrics.items():
+        if isinstance(value, (int, float, np.number)) and not isinstance(value, bool) and math.isfinite(value):
+            out[key] = float(value)
+    return out
+
+
+def check_reachable(url: str, what: str, timeout: float = 3.0) -> None:
+    """Raise ConnectionError now when nothing answers at an http(s) URL's host and port: one clear
+    message, instead of an SDK retrying for minutes."""
+    parsed = urlparse(url)
+    if parsed.scheme not in ("http", "https"):
+        return
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        socket.create_connection((parsed.hostname, port), timeout=timeout).close()
+    except OSError as exc:
+        raise ConnectionError(f"{what} at {url} is unreachable ({exc})") from None
+
+
+def read_table(path: Path) -> tuple[list[str], list[list[str]]]:
+    with open(path, newline="") as fh:
+        rows = list(csv.reader(fh))
+    return (rows[0], rows[1:]) if rows else ([], [])
+
+
+def load_rgb(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+class Tracker(Callback):
+    """Base of every tracker: the hooks below decide what is logged; subclasses implement the backend."""
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.step = 0  # the last training epoch seen; final metrics and images are logged at it
+        self.started = False
+        self._rendered: list[tuple[str, np.ndarray]] = []  # images rendered here when none are saved
+
+    # -- backend: what each tracker implements ----------------------------------------------------
+    def start(self, engine: Engine) -> None:
+        """Open the run / experiment."""
+        raise NotImplementedError
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def log_tags(self, tags: dict[str, str]) -> None:
+        """Run facts that are not hyper-parameters: model, dataset, git commit, machine."""
+        raise NotImplementedError
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        raise NotImplementedError
+
+    def log_packages(self, packages: list[str]) -> None:
+        raise NotImplementedError
+
+    def log_code(self, snapshot: Path) -> None:
+        """`snapshot` is <run>/code.zip (system.source_snapshot)."""
+        raise NotImplementedError
+
+    def log_graph(self, model: Any, example: Any) -> None:
+        raise NotImplementedError
+
+    def log_image(self, image: np.ndarray, name: str, step: int) -> None:
+        """`image` is (H, W, 3) uint8; `name` is '<defect_type>/<stem>', the same in every run."""
+        raise NotImplementedError
+
+    def log_table(self, path: Path) -> None:
+        """The per-image score table (scores.csv)."""
+        raise NotImplementedError
+
+    def log_file(self, path: Path) -> None:
+        """Any other file of the local record (metrics.json)."""
+        raise NotImplementedError
+
+    def finish(self, failed: bool = False) -> None:
+        """Close the run; `failed` marks it so in the tracker."""
+        raise NotImplementedError
+
+    def report(self) -> None:
+        """Tell the user where the run went (printed at the very end)."""
+
+    # -- hooks: what every tracker logs ---------------------------------------------------------
+    @contextmanager
+    def _closing_on_error(self) -> Iterator[None]:
+        # The CallbackList warns once and disables us; close our run first so it is not left open.
+        try:
+            yield
+        except Exception:
+            if self.started:
+                self.started = False
+                try:
+                    self.finish(failed=True)
+                except Exception:  # noqa: BLE001 - the original error is the one to report
+                    pass
+            raise
+
+    def on_run_start(self, engine: Engine) -> None:
+        with self._closing_on_error():
+            self.start(engine)
+            self.started = True
+            self.log_params(flatten(engine.config.to_dict()))
+            c = engine.config
+            self.log_tags({"model": c.model_name, "dataset": c.dataset_name, "category": c.dataset.category,
+                           "run_dir": str(engine.run_dir), "device": str(engine.device),
+                           **{k: str(v) for k, v in system.system_info().items()}, **system.git_info()})
+            self.log_packages(list(system.installed_packages()))
+            self.log_code(system.source_snapshot(engine.run_dir))
+            system.system_metrics()  # starts the CPU-percent window
+
+    def on_train_epoch_end(self, engine: Engine, epoch: int, logs: dict[str, float]) -> None:
+        if self.started:
+            with self._closing_on_error():
+                self.step = epoch
+                self.log_metrics(finite(logs), step=epoch)
+
+    def on_calibrate_end(self, engine: Engine) -> None:
+        # Not in on_fit_end: the Timer measures calibration from there, and tracing a graph takes seconds.
+        if not self.started:
+            return
+        with self._closing_on_error():
+            if self.config.logging.log_graph:
+                import torch
+
+                size = self.config.dataset.image_size
+                self.log_graph(engine.model, torch.zeros(1, 3, size, size, device=engine.device))
+            self.log_metrics(finite({**system.system_metrics(), **_durations(engine)}), step=self.step)
+
+    def on_test_batch_end(self, engine: Engine, batch: Batch, output: AnomalyOutput) -> None:
+        vis = self.config.visualization
+        # Saved images are read back from the run folder at the end; render only when none are saved.
+        if not (self.started and vis.log_images) or vis.save_images:
+            return
+        from ..visualization import render
+
+        with self._closing_on_error():
+            for i in range(len(batch)):
+                if vis.max_images is not None and len(self._rendered) >= vis.max_images:
+                    return
+                gt = batch.mask[i] if bool(batch.has_mask[i]) else None
+                picture = render(batch.image[i], output.norm_map[i], pred_mask=output.pred_mask[i], gt_mask=gt,
+                                 score=float(output.norm_score[i]), label=bool(output.pred_label[i]),
+                                 mode=vis.mode, title=Path(batch.path[i]).name)
+                name = f"{batch.defect_type[i] or 'unknown'}/{Path(batch.path[i]).stem}"
+                self._rendered.append((name, np.asarray(picture)))
+
+    def on_test_end(self, engine: Engine, metrics: dict[str, float]) -> None:
+        if self.started:
+            with self._closing_on_error():
+                self.log_metrics(finite(metrics), step=self.step)
+
+    def on_run_end(self, engine: Engine) -> None:
+        if not self.started:
+            return
+        with self._closing_on_error():
+            self.log_metrics(finite({**system.system_metrics(), **_durations(engine)}), step=self.step)
+            if self.config.visualization.log_images:
+                for name, image in self._images(engine.run_dir):
+                    self.log_image(image, name, self.step)
+            for file in ("scores.csv", "metrics.json"):
+                if (engine.run_dir / file).is_file():
+                    (self.log_table if file == "scores.csv" else self.log_file)(engine.run_dir / file)
+            self.started = False
+            self.finish()
+        self.report()
+
+    def on_exception(self, engine: Engine, error: BaseException) -> None:
+        if self.started:
+            self.started = False
+            self.finish(failed=True)
+            self.report()
+
+    def _images(self, run_dir: Path) -> Iterator[tuple[str, np.ndarray]]:
+        yield from self._rendered
+        if self.config.visualization.save_images:
+            for path in sorted((run_dir / "images").glob("*/*.png")):
+                yield f"{path.parent.name}/{path.stem}", load_rgb(path)
+
+
+def _durations(engine: Engine) -> dict[str, float]:
+    return {f"time/{k}": v for k, v in engine.timings.items()}

@@ -1,0 +1,232 @@
+"""Comet: an offline run opens no outside connection and its archive holds everything we log;
+an online run that cannot reach Comet falls back to an offline archive."""
+import contextlib
+import csv
+import io
+import ipaddress
+import json
+import socket
+import subprocess
+import warnings
+import zipfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from anomalens.config import config_from_dict
+from anomalens.engine import Engine
+from anomalens.errors import ConfigError
+
+pytest.importorskip("comet_ml")
+
+
+def _is_loopback(host) -> bool:
+    if host in (None, "localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(str(host).split("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def guard_sockets(mp: pytest.MonkeyPatch) -> list:
+    """Fail (and record) every attempt to resolve or connect to a non-loopback address."""
+    attempts = []
+    connect, connect_ex, getaddrinfo = socket.socket.connect, socket.socket.connect_ex, socket.getaddrinfo
+
+    def guarded(original):
+        def call(self, address):
+            if isinstance(address, tuple) and not _is_loopback(address[0]):
+                attempts.append(("connect", address))
+                raise OSError(f"blocked by the test: {address}")
+            return original(self, address)
+        return call
+
+    def guarded_getaddrinfo(host, *args, **kwargs):
+        if not _is_loopback(host):
+            attempts.append(("getaddrinfo", host))
+            raise socket.gaierror(f"blocked by the test: {host}")
+        return getaddrinfo(host, *args, **kwargs)
+
+    mp.setattr(socket.socket, "connect", guarded(connect))
+    mp.setattr(socket.socket, "connect_ex", guarded(connect_ex))
+    mp.setattr(socket, "getaddrinfo", guarded_getaddrinfo)
+    return attempts
+
+
+def tiny_config(root, tmp, **logging):
+    return config_from_dict({
+        "model": {"name": "padim", "weights": "none"},
+        "dataset": {"format": "mvtec", "root": str(root), "category": "brick", "image_size": 64, "batch_size": 8},
+        "visualization": {"max_images": 3},
+        "trainer": {"progress": False},
+        "project": {"root": str(tmp / "runs")},
+        "logging": {"logger": "comet", "comet": {"mode": "offline"}, **logging},
+    })
+
+
+def read_archive(path: Path):
+    with zipfile.ZipFile(path) as zf:
+        experiment = json.loads(zf.read("experiment.json"))
+        messages = [json.loads(line) for line in zf.read("messages.json").decode().splitlines() if line.strip()]
+        files = {name: zf.read(name) for name in zf.namelist()}
+    return experiment, messages, files
+
+
+def of_type(messages, kind):
+    return [m["payload"] for m in messages if m["type"] == kind]
+
+
+@pytest.fixture(scope="module")
+def offline_run(tiny_demo_root, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("comet")
+    out = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("COMET_API_KEY", "COMET_PROJECT_NAME", "COMET_WORKSPACE", "COMET_URL_OVERRIDE"):
+            mp.delenv(name, raising=False)
+        attempts = guard_sockets(mp)
+        engine = Engine(tiny_config(tiny_demo_root, tmp, log_graph=True))
+        with contextlib.redirect_stdout(out):
+            run_dir = engine.run()
+    archives = sorted((run_dir / "comet").glob("*.zip"))
+    return SimpleNamespace(engine=engine, run_dir=run_dir, attempts=attempts, printed=out.getvalue(),
+                           archives=archives, content=read_archive(archives[0]) if archives else None)
+
+
+def test_offline_run_opens_no_outside_connection(offline_run):
+    assert offline_run.attempts == []
+
+
+def test_offline_archive_and_exact_upload_command(offline_run):
+    assert len(offline_run.archives) == 1
+    archive = offline_run.archives[0]
+    assert f"Upload it with: comet upload {archive}\n" in offline_run.printed
+    experiment, _, _ = offline_run.content
+    assert experiment["project_name"] == "mvtec-brick"
+    assert set(experiment["tags"]) == {"padim", "mvtec", "brick"}
+
+
+def test_archive_holds_config_metrics_and_run_facts(offline_run):
+    _, messages, _ = offline_run.content
+    params = {p["param"]["paramName"]: p["param"]["paramValue"] for p in of_type(messages, "parameter_msg")}
+    flat = offline_run.engine.config.flat()
+    assert params["model.name"] == "padim" and params["dataset.image_size"] == 64
+    assert params["logging.comet.mode"] == "offline"  # nested sections are flattened
+    assert set(params) >= {k for k in flat if not isinstance(flat[k], dict)}
+
+    metrics = {(p["metric"]["metricName"], p["metric"]["step"]): p["metric"]["metricValue"]
+               for p in of_type(messages, "metric_msg")}
+    summary = json.loads((offline_run.run_dir / "metrics.json").read_text())
+    for key in ("image_AUROC", "pixel_AUROC", "image_threshold", "false_reject_rate", "escape_rate"):
+        assert float(metrics[(key, 0)]) == pytest.approx(summary["metrics"][key])
+    assert float(metrics[("time/test_seconds", 0)]) == pytest.approx(summary["timings"]["test_seconds"])
+    assert 0 < float(metrics[("system/ram_used_percent", 0)]) <= 100
+
+    others = {p["key"]: p["value"] for p in of_type(messages, "log_other")}
+    assert others["model"] == "padim" and others["run_dir"] == str(offline_run.run_dir)
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
+    if commit.returncode == 0:
+        assert others["git/commit"] == commit.stdout.strip()
+
+    packages = of_type(messages, "installed_packages")[0]["installed_packages"]
+    assert f"torch=={torch.__version__}" in packages
+    graph = of_type(messages, "graph")[0]["graph"]
+    assert graph.startswith("PaDiM(")
+
+
+def test_archive_holds_images_table_and_source(offline_run):
+    _, messages, files = offline_run.content
+    uploads = of_type(messages, "file_upload")
+    saved = {f"{p.parent.name}/{p.stem}": p for p in (offline_run.run_dir / "images").glob("*/*.png")}
+    images = {u["additional_params"]["figName"]: u for u in uploads if u["upload_type"] == "visualization"}
+    assert set(images) == set(saved) and len(saved) == 3
+    for name, upload in images.items():
+        assert upload["additional_params"]["step"] == 0
+        sent = np.asarray(Image.open(io.BytesIO(files[upload["file_path"]])).convert("RGB"))
+        assert np.array_equal(sent, np.asarray(Image.open(saved[name]).convert("RGB")))
+
+    table = next(u for u in uploads if u["additional_params"].get("fileName") == "scores.csv")
+    sent_rows = list(csv.reader(io.StringIO(files[table["file_path"]].decode())))
+    assert sent_rows == list(csv.reader(open(offline_run.run_dir / "scores.csv", newline="")))
+
+    code = {u["additional_params"]["fileName"]: u for u in uploads if u["upload_type"] == "source_code"}
+    engine_py = Path(__import__("anomalens.engine").engine.__file__)
+    assert files[code["anomalens/engine.py"]["file_path"]].decode() == engine_py.read_text()
+
+
+def test_local_record_is_complete_with_comet(offline_run):
+    for name in ("config.yaml", "metrics.json", "scores.csv", "model.pt", "code.zip"):
+        assert (offline_run.run_dir / name).is_file(), name
+
+
+# --------------------------------------------------------------------------- online, without Comet
+def fake_engine(config, run_dir):
+    run_dir.mkdir(parents=True)
+    return SimpleNamespace(config=config, run_dir=run_dir, device="cpu", timings={"fit_seconds": 1.5},
+                           model=torch.nn.Linear(2, 2))
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_online_without_network_falls_back_to_offline_losing_nothing(tiny_demo_root, tmp_path, monkeypatch, capsys):
+    from anomalens.loggers.comet import CometTracker
+
+    attempts = guard_sockets(monkeypatch)
+    monkeypatch.setenv("COMET_API_KEY", "abcdefghij0123456789ABCDE")
+    monkeypatch.setenv("COMET_URL_OVERRIDE", f"http://127.0.0.1:{closed_port()}/clientlib/")
+    tracker = CometTracker(tiny_config(tiny_demo_root, tmp_path, comet={"mode": "auto"}))
+    assert tracker.online
+    engine = fake_engine(tracker.config, tmp_path / "run")
+    with pytest.warns(UserWarning, match=r"Comet is unavailable \(the Comet server at http://127\.0\.0\.1:\d+/clientlib/ "
+                                         r"is unreachable .*\); this run is logged to an offline archive in "):
+        tracker.on_run_start(engine)
+    tracker.on_test_end(engine, {"image_AUROC": 0.75, "pixel_AUROC": float("nan")})
+    tracker.on_run_end(engine)
+    assert attempts == []
+    [archive] = tracker.archives()
+    assert f"comet upload {archive}" in capsys.readouterr().out
+    _, messages, _ = read_archive(archive)
+    metrics = {p["metric"]["metricName"]: p["metric"]["metricValue"] for p in of_type(messages, "metric_msg")}
+    assert float(metrics["image_AUROC"]) == 0.75 and "pixel_AUROC" not in metrics  # NaN is not sent
+    assert float(metrics["time/fit_seconds"]) == 1.5
+
+
+def test_rejected_key_falls_back_to_offline(tiny_demo_root, tmp_path, monkeypatch):
+    import anomalens.loggers.comet as comet_module
+
+    guard_sockets(monkeypatch)
+    monkeypatch.setenv("COMET_API_KEY", "abcdefghij0123456789ABCDE")
+    tracker = comet_module.CometTracker(tiny_config(tiny_demo_root, tmp_path, comet={"mode": "online"}))
+    monkeypatch.setattr(comet_module, "check_reachable", lambda *a: None)
+
+    def rejected(*args, **kwargs):
+        raise tracker.comet.exceptions.InvalidAPIKey("abcdefghij0123456789ABCDE", None)
+
+    monkeypatch.setattr(tracker.comet, "Experiment", rejected)
+    engine = fake_engine(tracker.config, tmp_path / "run")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tracker.on_run_start(engine)
+        tracker.on_run_end(engine)
+    assert [str(w.message) for w in caught if "Comet is unavailable (Invalid" in str(w.message)]
+    assert not tracker.online and len(tracker.archives()) == 1
+
+
+def test_online_mode_without_key_is_a_config_error(tiny_demo_root, tmp_path, monkeypatch):
+    from anomalens.loggers.comet import CometTracker
+
+    monkeypatch.delenv("COMET_API_KEY", raising=False)
+    monkeypatch.setenv("COMET_CONFIG", str(tmp_path / "no-such.config"))
+    with pytest.raises(ConfigError, match=r"^logging\.comet\.mode is 'online' but no Comet API key was found: set "
+                                          r"COMET_API_KEY \(or run `comet login`\), or set logging\.comet\.mode to "
+                                          r"'offline'\.$"):
+        CometTracker(tiny_config(tiny_demo_root, tmp_path, comet={"mode": "online"}))
+    assert not CometTracker(tiny_config(tiny_demo_root, tmp_path, comet={"mode": "auto"})).online
