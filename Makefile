@@ -19,7 +19,9 @@ setup: $(STAMP)
 demo: setup
 	$(VENV)/bin/anomalens train --config configs/padim.yaml
 
+# The MLflow UI test loads the page in headless Chromium: install it when absent (root here and in CI).
 test: setup
+	command -v chromium || (apt-get update && apt-get install -y chromium) || echo "chromium unavailable"
 	$(PY) -m pytest -q
 
 test-fast: setup

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import warnings
 import zipfile
+from importlib import metadata
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -133,7 +134,7 @@ def test_archive_holds_config_metrics_and_run_facts(offline_run):
         assert others["git/commit"] == commit.stdout.strip()
 
     packages = of_type(messages, "installed_packages")[0]["installed_packages"]
-    assert f"torch=={torch.__version__}" in packages
+    assert f"torch=={metadata.version('torch')}" in packages and f"comet_ml=={metadata.version('comet_ml')}" in packages
     graph = of_type(messages, "graph")[0]["graph"]
     assert graph.startswith("PaDiM(")
 
@@ -185,8 +186,9 @@ def test_online_without_network_falls_back_to_offline_losing_nothing(tiny_demo_r
     tracker = CometTracker(tiny_config(tiny_demo_root, tmp_path, comet={"mode": "auto"}))
     assert tracker.online
     engine = fake_engine(tracker.config, tmp_path / "run")
-    with pytest.warns(UserWarning, match=r"Comet is unavailable \(the Comet server at http://127\.0\.0\.1:\d+/clientlib/ "
-                                         r"is unreachable .*\); this run is logged to an offline archive in "):
+    expected = (r"Comet is unavailable \(ConnectionError: the Comet server at http://127\.0\.0\.1:\d+/clientlib/ "
+                r"is unreachable .*\); this run is logged to an offline archive in ")
+    with pytest.warns(UserWarning, match=expected):
         tracker.on_run_start(engine)
     tracker.on_test_end(engine, {"image_AUROC": 0.75, "pixel_AUROC": float("nan")})
     tracker.on_run_end(engine)
@@ -216,7 +218,9 @@ def test_rejected_key_falls_back_to_offline(tiny_demo_root, tmp_path, monkeypatc
         warnings.simplefilter("always")
         tracker.on_run_start(engine)
         tracker.on_run_end(engine)
-    assert [str(w.message) for w in caught if "Comet is unavailable (Invalid" in str(w.message)]
+    [message] = [str(w.message) for w in caught if "Comet is unavailable" in str(w.message)]
+    assert message.startswith("Comet is unavailable (InvalidAPIKey: ('<api key>', None)); this run is logged to an "
+                              "offline archive in ")
     assert not tracker.online and len(tracker.archives()) == 1
 
 
@@ -230,3 +234,21 @@ def test_online_mode_without_key_is_a_config_error(tiny_demo_root, tmp_path, mon
                                           r"'offline'\.$"):
         CometTracker(tiny_config(tiny_demo_root, tmp_path, comet={"mode": "online"}))
     assert not CometTracker(tiny_config(tiny_demo_root, tmp_path, comet={"mode": "auto"})).online
+
+
+def test_error_tracking_started_by_an_earlier_comet_import_is_stopped(monkeypatch):
+    import logging
+
+    import sentry_sdk
+    from comet_ml.error_tracking import api
+
+    from anomalens.loggers.comet import import_comet
+
+    attempts = guard_sockets(monkeypatch)
+    api.setup_sentry_error_tracker()  # what `import comet_ml` does for half of its users
+    assert sentry_sdk.get_client().is_active()
+    import_comet()
+    assert not sentry_sdk.get_client().is_active()
+    assert not [h for h in logging.getLogger("comet_ml").handlers if "sentry" in type(h).__module__]
+    logging.getLogger("comet_ml").error("an error that Sentry would have reported")
+    assert attempts == []

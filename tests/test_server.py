@@ -25,11 +25,20 @@ from anomalens.config import config_from_dict  # noqa: E402
 from anomalens.data.io import read_image  # noqa: E402
 from anomalens.deploy.inferencer import Inferencer  # noqa: E402
 from anomalens.deploy.server import ServeSettings, create_app, decode_image, rle_decode, rle_encode  # noqa: E402
-from anomalens.engine import Engine  # noqa: E402
+from anomalens.engine import Engine, load_checkpoint, save_checkpoint  # noqa: E402
 from anomalens.errors import ConfigError  # noqa: E402
 from anomalens.visualization import heatmap  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """64 px models gain nothing from intra-op threads, while idle OpenMP workers on a busy shared CPU cost seconds."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
@@ -54,14 +63,19 @@ def test_images(tiny_demo_root):
 
 
 @pytest.fixture(scope="module")
-def split_inferencer(run_dir, test_images):
-    """The run with thresholds moved to the middle of the test data: both labels and non-empty masks occur."""
-    inf = Inferencer.load(run_dir, device="cpu")
-    out = inf.predict(torch.cat([inf.to_tensor(read_image(p)) for p in test_images]))
-    inf.postprocessor.image_threshold.fill_(out.score.median())
-    inf.postprocessor.pixel_threshold.fill_(out.anomaly_map.flatten().quantile(0.9))
+def split_inferencer(run_dir, inferencer, test_images, tmp_path_factory):
+    """The run with thresholds moved into the test data, so that both labels and non-empty masks occur.
+
+    Returns the inferencer and the 3 lowest- and 3 highest-scoring test images.
+    """
+    out = inferencer.predict(torch.cat([inferencer.to_tensor(read_image(p)) for p in test_images]))
+    config, model, post = load_checkpoint(run_dir)
+    post.image_threshold.fill_(out.score.median())
+    post.pixel_threshold.fill_(out.anomaly_map.flatten().quantile(0.9))
+    path = tmp_path_factory.mktemp("split") / "model.pt"
+    save_checkpoint(path, config, model, post)
     order = out.score.argsort().tolist()
-    return inf, [test_images[i] for i in order[:3] + order[-3:]]  # the 3 lowest and the 3 highest scores
+    return Inferencer.load(path, device="cpu"), [test_images[i] for i in order[:3] + order[-3:]]
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +117,7 @@ def rle_to_mask(rle):
 def test_predict_gives_the_inferencers_exact_scores_labels_and_masks(split_inferencer):
     inferencer, paths = split_inferencer
     client = TestClient(create_app(inferencer))
-    threshold = float(inferencer.postprocessor.image_threshold)
+    threshold = inferencer.image_threshold
     labels, areas = set(), []
     for path in paths:
         body = client.post("/predict", files=upload(path, path.name), params={"mask": "rle"}).json()
@@ -170,9 +184,11 @@ def test_batch_equals_one_forward_pass_of_the_same_images(client, inferencer, te
 
 def test_metadata_and_health(client, inferencer):
     meta = client.get("/metadata").json()
-    assert meta["model"] == "padim" and meta["image_size"] == 64 and meta["runtime"] == "torch"
-    assert meta["image_threshold"] == float(inferencer.postprocessor.image_threshold)
-    assert meta["pixel_threshold"] == float(inferencer.postprocessor.pixel_threshold)
+    assert meta["model"] == "padim" and meta["input_size"] == [64, 64] and meta["runtime"] == "torch"
+    assert meta["image_threshold"] == inferencer.image_threshold
+    assert meta["pixel_threshold"] == inferencer.pixel_threshold
+    assert meta["model_params"] == {"weights": "none"}
+    assert not {"path", "source", "config"} & set(meta)  # no server file paths leak out
     assert meta["limits"] == {"max_upload_mb": 20.0, "max_concurrency": 2, "max_batch_files": 32,
                               "max_image_pixels": 50_000_000}
     assert client.get("/health").json() == {"status": "ok", "model": "padim", "runtime": "torch", "running": 0,
@@ -378,7 +394,7 @@ class Watched:
     def __init__(self, inner):
         self.inner, self.active, self.peak, self.threads = inner, 0, 0, set()
         self.lock = threading.Lock()
-        self.config, self.postprocessor, self.device = inner.config, inner.postprocessor, inner.device
+        self.metadata, self.device = inner.metadata, inner.device
 
     def to_tensor(self, image):
         return self.inner.to_tensor(image)
@@ -462,4 +478,5 @@ def test_serve_command_reports_bad_settings_and_missing_models(capsys, tmp_path)
     assert capsys.readouterr().err.strip() == ("error: The 'max_concurrency' parameter of ServeSettings must be an "
                                                "int in [1, 256]. Got 0 instead.")
     assert main(["serve", "--model", str(tmp_path / "none")]) == 2
-    assert "No checkpoint found" in capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert err.startswith("error: No model found at ") and out == ""  # refused before announcing a server

@@ -19,6 +19,7 @@ NNCF is imported, so an export opens no outside connection.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import tempfile
 import time
@@ -203,17 +204,32 @@ def _import(module: str, extra: str = "export"):
 
 # --------------------------------------------------------------------------- tracing
 def _blocker(exc: BaseException) -> str:
-    """Where in anomalens code an export failed: 'models/x.py line 12 in forward: `code`', or ''."""
+    """The model line an export failed on, 'models/x.py line 12 in forward: `code`', or ''.
+
+    The deepest frame of the traceback chain in model code: anomalens' own files (but not this
+    deploy package) or a user's file (anything outside the installed libraries).
+    """
+    import sysconfig
+
     package = Path(__file__).resolve().parents[1]
+    libraries = {Path(sysconfig.get_paths()[k]).resolve() for k in ("purelib", "platlib", "stdlib")}
     found = ""
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
         for frame in traceback.extract_tb(exc.__traceback__):
+            if frame.filename.startswith("<"):
+                continue
             path = Path(frame.filename).resolve()
-            if package in path.parents and path.parent.name != "deploy":
-                where = path.relative_to(package).as_posix()
-                found = f"{where} line {frame.lineno} in {frame.name}" + (f": `{frame.line}`" if frame.line else "")
+            if package in path.parents:
+                if path.parent.name == "deploy":
+                    continue
+                where = "anomalens/" + path.relative_to(package).as_posix()
+            elif any(lib in path.parents for lib in libraries):
+                continue
+            else:
+                where = path.name
+            found = f"{where} line {frame.lineno} in {frame.name}" + (f": `{frame.line}`" if frame.line else "")
         exc = exc.__cause__ or exc.__context__
     return found
 
@@ -308,18 +324,62 @@ def write_onnx(path: Path, program: Any, metadata: dict, model: nn.Module | None
     return path
 
 
+def int8_scopes(model: nn.Module) -> list[str]:
+    """Module paths (in the InferenceGraph) that INT8 quantises: the model's tag `int8_modules`, else
+    its pretrained feature extractors (every `Backbone` submodule)."""
+    from ..backbones import Backbone
+
+    names = getattr(model, "tags", {}).get("int8_modules")
+    if names is None:
+        names = [name for name, module in model.named_modules() if isinstance(module, Backbone)]
+    return [f"model.{name}" if name else "model" for name in names]
+
+
+def _nodes_in_scopes(onnx_path: Path, scopes: Sequence[str]) -> set[str]:
+    """Names of the ONNX nodes traced from inside the given module paths (torch.onnx records them)."""
+    import ast
+
+    import onnx
+
+    found = set()
+    for node in onnx.load(str(onnx_path)).graph.node:
+        text = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), "")
+        paths = ast.literal_eval(text) if text else []
+        if any(p == s or p.startswith(s + ".") for p in paths for s in scopes):
+            found.add(node.name)
+    return found
+
+
 def write_openvino(path: Path, onnx_path: Path, metadata: dict, precision: str,
-                   calibration: Sequence[np.ndarray] | None = None) -> Path:
-    """ONNX -> OpenVINO IR (model.xml + .bin) and the JSON sidecar; INT8 through NNCF calibration."""
+                   calibration: Sequence[np.ndarray] | None = None, int8_scope: Sequence[str] = ()) -> Path:
+    """ONNX -> OpenVINO IR (model.xml + .bin) and the JSON sidecar; INT8 through NNCF calibration.
+
+    INT8 quantises only the operations traced from `int8_scope` (module paths; empty = everything):
+    convolutions of a pretrained backbone lose little at 8 bits, whereas distances to a memory bank
+    or Mahalanobis distances are differences of large numbers; quantised, PaDiM's collapsed to
+    chance level in our tests.  The rest stays float32.
+    """
     ov = _import("openvino")
     model = ov.convert_model(str(onnx_path))
     if precision == "int8":
         nncf = _import("nncf")
         if not calibration:
             raise DataError("INT8 quantisation needs calibration images (the run's training images); none were found.")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model = nncf.quantize(model, nncf.Dataset(list(calibration)), subset_size=len(calibration))
+        ignored = None
+        if int8_scope:
+            keep = _nodes_in_scopes(onnx_path, int8_scope)
+            # OpenVINO keeps ONNX node names; an operation we cannot match stays float (the safe side).
+            names = [op.get_friendly_name() for op in model.get_ordered_ops() if op.get_friendly_name() not in keep]
+            ignored = nncf.IgnoredScope(names=names, validate=False)
+        level = nncf.nncf_logger.level
+        nncf.set_log_level(logging.ERROR)  # NNCF logs one INFO line per operation it skips
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model = nncf.quantize(model, nncf.Dataset(list(calibration)), subset_size=len(calibration),
+                                      ignored_scope=ignored)
+        finally:
+            nncf.set_log_level(level)
     path.parent.mkdir(parents=True, exist_ok=True)
     # save_model compresses float weights to fp16 by default: only the fp16 artifact asks for it.
     ov.save_model(model, str(path), compress_to_fp16=precision == "fp16")
@@ -382,13 +442,14 @@ class ExportResult:
 
 def export(run: str | Path, fmt: str = "onnx", precision: str = "fp32", out: str | Path | None = None,
            batch_size: int | None = None, calibration: str | Path | None = None, calibration_size: int = 300,
-           evaluate: bool | None = None) -> ExportResult:
+           evaluate: bool | None = None, onnx: str | Path | None = None) -> ExportResult:
     """Export a run (folder or checkpoint) as a `fmt` artifact at `precision`; returns where and what.
 
     batch_size: None exports a dynamic batch when the model allows it (else batch 1); an int fixes
     it.  INT8 calibrates on up to `calibration_size` training images of the run's dataset (or the
     images of the `calibration` folder).  FP16 and INT8 artifacts are evaluated on the test split
-    (image AUROC against the run's own) unless evaluate=False.
+    (image AUROC against the run's own) unless evaluate=False.  For OpenVINO, `onnx` may name an
+    ONNX export of the same run to convert instead of tracing the model again.
     """
     from ..engine import find_checkpoint, load_checkpoint
 
@@ -404,7 +465,10 @@ def export(run: str | Path, fmt: str = "onnx", precision: str = "fp32", out: str
         metadata = build_metadata(config, post, fmt, precision, None, run_dir)
         write_torch(target, config, model, post, metadata)
     else:
-        program, fixed_batch = trace(model, post, size, batch_size, fmt)
+        if onnx is not None and fmt == "openvino":
+            program, fixed_batch = None, _reusable_onnx(Path(onnx), post, batch_size)
+        else:
+            program, fixed_batch = trace(model, post, size, batch_size, fmt)
         metadata = build_metadata(config, post, fmt, precision, fixed_batch, run_dir)
         if fmt == "onnx":
             write_onnx(target, program, metadata, model)
@@ -417,8 +481,12 @@ def export(run: str | Path, fmt: str = "onnx", precision: str = "fp32", out: str
                                            "source": str(calibration) if calibration else "training split"}
             batches = None if images is None else [_batch_of(images, i, fixed_batch) for i in range(len(images))]
             with tempfile.TemporaryDirectory(prefix="anomalens-export-") as tmp:
-                onnx_path = write_onnx(Path(tmp) / "model.onnx", program, metadata, model)
-                write_openvino(target, onnx_path, metadata, precision, batches)
+                onnx_path = Path(onnx) if program is None else write_onnx(Path(tmp) / "model.onnx", program, metadata,
+                                                                          model)
+                scope = int8_scopes(model) if precision == "int8" else []
+                if precision == "int8":
+                    metadata["int8_scope"] = scope or ["everything"]
+                write_openvino(target, onnx_path, metadata, precision, batches, scope)
 
     result = ExportResult(target, metadata)
     if evaluate if evaluate is not None else precision != "fp32":
@@ -428,6 +496,18 @@ def export(run: str | Path, fmt: str = "onnx", precision: str = "fp32", out: str
             sidecar_path(target).write_text(json.dumps(metadata, indent=2))
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _reusable_onnx(path: Path, postprocessor: Any, batch_size: int | None) -> int | None:
+    """Check that an ONNX file is an export of this run (same thresholds); return its batch size."""
+    meta = read_metadata(path)
+    same = all(meta.get(k) == float(getattr(postprocessor, k)) for k in ("image_threshold", "pixel_threshold",
+                                                                         "image_scale", "pixel_scale"))
+    if not same:
+        raise ConfigError(f"'{path}' was not exported from this run (its thresholds differ); export the run again.")
+    if batch_size is not None and meta.get("batch_size") != batch_size:
+        raise ConfigError(f"'{path}' has batch size {meta.get('batch_size')}, not {batch_size}; export the run again.")
+    return meta.get("batch_size")
 
 
 def _batch_of(images: torch.Tensor, i: int, fixed_batch: int | None) -> np.ndarray:

@@ -15,7 +15,6 @@ def cmd_serve(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
         raise ConfigError(f"serve takes no config overrides. Got {', '.join(overrides)}.")
     settings = ServeSettings(max_upload_mb=args.max_upload_mb, max_concurrency=args.max_concurrency,
                              max_batch_files=args.max_batch_files, max_image_pixels=args.max_image_pixels)
-    print(f"Serving {args.model} on http://{args.host}:{args.port} (API docs at /docs)", flush=True)
     serve(args.model, host=args.host, port=args.port, settings=settings, device=args.device, runtime=args.runtime,
           log_level=args.log_level)
     return 0

@@ -160,30 +160,17 @@ def _json_value(value: Any) -> Any:
     return value
 
 
+# Metadata a client has no use for and a server should not reveal: file-system paths, the training config.
+_PRIVATE_METADATA = ("path", "source", "config")
+
+
 def model_metadata(inferencer: Any) -> dict[str, Any]:
-    """What a client needs to know about the served model, as plain JSON values.
-
-    Uses `inferencer.metadata` when the runtime provides it; otherwise reads the torch
-    inferencer's config and post-processor.
-    """
-    meta = getattr(inferencer, "metadata", None)
-    if meta is None:
-        from .. import __version__
-
-        config, post = inferencer.config, inferencer.postprocessor
-        meta = {
-            "model": config.model_name,
-            "model_params": config.model_params,
-            "image_size": config.dataset.image_size,
-            "image_threshold": float(post.image_threshold),
-            "pixel_threshold": float(post.pixel_threshold),
-            "threshold_method": post.image_method,
-            "runtime": "torch",
-            "anomalens_version": __version__,
-        }
-    meta = _json_value(dict(meta))
-    meta.setdefault("device", str(getattr(inferencer, "device", "cpu")))
-    return meta
+    """What a client needs to know about the served model (`inferencer.metadata` minus paths), as JSON values."""
+    meta = dict(inferencer.metadata)
+    model_params = {k: v for k, v in (meta.get("config") or {}).get("model", {}).items() if k != "name"}
+    meta = {k: v for k, v in meta.items() if k not in _PRIVATE_METADATA}
+    meta.update(model_params=model_params, device=str(getattr(inferencer, "device", "cpu")))
+    return _json_value(meta)
 
 
 # --------------------------------------------------------------------------- request options
@@ -208,7 +195,7 @@ async def _read_upload(request: Any, file_field: str, max_files: int) -> tuple[l
     allowed = (file_field, "mask", "heatmap")
     options = dict(request.query_params)
     files: list[tuple[str, bytes]] = []
-    # One part over the limit is enough to know the request fails; Starlette stops parsing there.
+    # One file over the limit gets through Starlette's own check, so that the answer below words the error.
     async with request.form(max_files=max_files + 1, max_fields=8) as form:
         for key, value in form.multi_items():
             if key not in allowed:
@@ -458,5 +445,9 @@ def serve(model: str | Path, host: str = "127.0.0.1", port: int = 8000, settings
     except ImportError:
         raise missing_dependency("uvicorn", "serve") from None
 
-    app = create_app(load_inferencer(model, device, runtime), settings)
+    inferencer = load_inferencer(model, device, runtime)
+    app = create_app(inferencer, settings)
+    meta = model_metadata(inferencer)
+    print(f"Serving {meta.get('model')} ({meta.get('runtime')} on {meta.get('device')}) at http://{host}:{port}; "
+          "API docs at /docs", flush=True)
     uvicorn.run(app, host=host, port=port, log_level=log_level)

@@ -3,8 +3,9 @@
     on_run_start       start; parameters (flattened config); tags (model, dataset, git, system); packages; code
     on_train_epoch_end per-epoch losses and validation metrics, step = epoch
     on_calibrate_end   model graph (when logging.log_graph); system load, fit/calibration durations
+    on_test_batch_end  prediction images, rendered here only when the run saves none
     on_test_end        final metrics (AUROC, F1, AUPRO, thresholds, false-reject and escape rates)
-    on_run_end         system load, durations, prediction images, the per-image score table; finish
+    on_run_end         system load, durations, the saved prediction images, the per-image score table; finish
 
 A backend error propagates to the engine's CallbackList, which warns once and disables the
 tracker; before it does, the tracker closes its run (marked failed) so nothing is left half open.
@@ -124,7 +125,7 @@ class Tracker(Callback):
         self.config = config
         self.step = 0  # the last training epoch seen; final metrics and images are logged at it
         self.started = False
-        self._rendered: list[tuple[str, np.ndarray]] = []  # images rendered here when none are saved
+        self._rendered = 0  # images rendered here, when the run saves none
 
     # -- backend: what each tracker implements ----------------------------------------------------
     def start(self, engine: Engine) -> None:
@@ -218,21 +219,22 @@ class Tracker(Callback):
 
     def on_test_batch_end(self, engine: Engine, batch: Batch, output: AnomalyOutput) -> None:
         vis = self.config.visualization
-        # Saved images are read back from the run folder at the end; render only when none are saved.
+        # Saved images are read back from the run folder at the end; render (and send at once, so
+        # that none pile up in memory) only when the run saves none.
         if not (self.started and vis.log_images) or vis.save_images:
             return
         from ..visualization import render
 
         with self._closing_on_error():
             for i in range(len(batch)):
-                if vis.max_images is not None and len(self._rendered) >= vis.max_images:
+                if vis.max_images is not None and self._rendered >= vis.max_images:
                     return
+                self._rendered += 1
                 gt = batch.mask[i] if bool(batch.has_mask[i]) else None
                 picture = render(batch.image[i], output.norm_map[i], pred_mask=output.pred_mask[i], gt_mask=gt,
                                  score=float(output.norm_score[i]), label=bool(output.pred_label[i]),
                                  mode=vis.mode, title=Path(batch.path[i]).name)
-                name = f"{batch.defect_type[i] or 'unknown'}/{Path(batch.path[i]).stem}"
-                self._rendered.append((name, np.asarray(picture)))
+                self.log_image(picture, f"{batch.defect_type[i] or 'unknown'}/{Path(batch.path[i]).stem}", self.step)
 
     def on_test_end(self, engine: Engine, metrics: dict[str, float]) -> None:
         if self.started:
@@ -243,13 +245,16 @@ class Tracker(Callback):
         if not self.started:
             return
         with self._closing_on_error():
+            run_dir = engine.run_dir
             self.log_metrics(finite({**system.system_metrics(), **_durations(engine)}), step=self.step)
-            if self.config.visualization.log_images:
-                for name, image in self._images(engine.run_dir):
-                    self.log_image(image, name, self.step)
-            for file in ("scores.csv", "metrics.json"):
-                if (engine.run_dir / file).is_file():
-                    (self.log_table if file == "scores.csv" else self.log_file)(engine.run_dir / file)
+            vis = self.config.visualization
+            if vis.log_images and vis.save_images:
+                for path in sorted((run_dir / "images").glob("*/*.png")):
+                    self.log_image(load_rgb(path), f"{path.parent.name}/{path.stem}", self.step)
+            if (run_dir / "scores.csv").is_file():
+                self.log_table(run_dir / "scores.csv")
+            if (run_dir / "metrics.json").is_file():
+                self.log_file(run_dir / "metrics.json")
             self.started = False
             self.finish()
         self.report()
@@ -259,12 +264,6 @@ class Tracker(Callback):
             self.started = False
             self.finish(failed=True)
             self.report()
-
-    def _images(self, run_dir: Path) -> Iterator[tuple[str, np.ndarray]]:
-        yield from self._rendered
-        if self.config.visualization.save_images:
-            for path in sorted((run_dir / "images").glob("*/*.png")):
-                yield f"{path.parent.name}/{path.stem}", load_rgb(path)
 
 
 def _durations(engine: Engine) -> dict[str, float]:

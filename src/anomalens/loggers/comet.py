@@ -9,6 +9,7 @@ IP details, framework monkey-patching, stdout capture) are switched off: we log 
 """
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -40,7 +41,27 @@ def import_comet() -> Any:
         import comet_ml
     except ImportError:
         raise missing_dependency("comet_ml", "comet") from None
+    _stop_error_tracking(comet_ml)
     return comet_ml
+
+
+def _stop_error_tracking(comet_ml: Any) -> None:
+    """comet_ml imported before us (by the user) may have started its Sentry reporter: stop it,
+    leaving any Sentry client of the user's own alone."""
+    try:
+        import sentry_sdk
+        from sentry_sdk.integrations.logging import BreadcrumbHandler, EventHandler
+    except ImportError:
+        return
+    client = sentry_sdk.get_client()
+    comet_dsn = comet_ml.get_config().get_string(None, "comet.internal.sentry_dsn")
+    if comet_dsn and client.is_active() and client.dsn == comet_dsn:
+        client.close(timeout=0)
+        sentry_sdk.get_global_scope().set_client(None)
+    comet_logger = logging.getLogger("comet_ml")
+    for handler in list(comet_logger.handlers):
+        if isinstance(handler, (EventHandler, BreadcrumbHandler)):
+            comet_logger.removeHandler(handler)
 
 
 class CometTracker(Tracker):
@@ -79,7 +100,8 @@ class CometTracker(Tracker):
             except Exception as exc:  # noqa: BLE001 - network down or key rejected: same remedy, offline
                 experiment = None
                 self.online = False
-                warnings.warn(f"Comet is unavailable ({exc}); this run is logged to an offline archive in "
+                reason = f"{type(exc).__name__}: {exc}".replace(self.api_key or "\0", "<api key>")  # never print it
+                warnings.warn(f"Comet is unavailable ({reason}); this run is logged to an offline archive in "
                               f"{self.folder} instead. Upload it with the command printed at the end.", stacklevel=2)
         if experiment is None:
             experiment = self.comet.OfflineExperiment(**kwargs)
@@ -111,7 +133,10 @@ class CometTracker(Tracker):
         self.experiment.set_model_graph(str(model))
 
     def log_image(self, image: np.ndarray, name: str, step: int) -> None:
-        self.experiment.log_image(image, name=name, step=step, image_format="png")
+        from PIL import Image
+
+        # A PIL image, not the array: Comet probes an array as a file path first.
+        self.experiment.log_image(Image.fromarray(image), name=name, step=step, image_format="png")
 
     def log_table(self, path: Path) -> None:
         headers, rows = read_table(path)

@@ -62,7 +62,7 @@ def cmd_runs_list(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     runs = find_runs(root, args.project)
     if not runs:
         where = f" of project {args.project!r}" if args.project else ""
-        _console().print(f"No runs{where} under '{root}'.")
+        print(f"No runs{where} under '{root}'.")
         return 0
     table = Table(title=f"Runs in {root}", header_style="bold")
     for name in ["run", "model", "dataset", "category", *[label for _, label in KEY_METRICS], "finished"]:
@@ -101,7 +101,7 @@ def cmd_runs_compare(args: argparse.Namespace, overrides: dict[str, Any]) -> int
     out = Path(args.out) if args.out else root / "compare" / ("__".join(r.label.replace("/", "-") for r in runs)
                                                                + ".html")
     page = compare_html(runs, out, embed_images=not args.link_images)
-    console.print(f"Comparison page: [bold]{page}[/bold]")
+    print(f"Comparison page: {page}")
     return 0
 
 
@@ -138,7 +138,8 @@ def cmd_ui(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     # Telemetry off; no job runner (it serves GenAI evaluation jobs and starts a pool of worker processes).
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     # Its own process group: mlflow starts a web server child, and stopping must take both down.
-    process = subprocess.Popen(ui_command(root, args.host, args.port), env=env, start_new_session=True)
+    # The server's chatter goes to stderr: stdout carries only the address, for scripts to read.
+    process = subprocess.Popen(ui_command(root, args.host, args.port), env=env, start_new_session=True, stdout=2)
     previous = signal.signal(signal.SIGTERM, _interrupt)  # a supervisor's SIGTERM stops the server too
     try:
         if not wait_for_port(args.host, args.port, process):

@@ -68,10 +68,13 @@ class MlflowTracker(Tracker):
         experiment = self.client.get_experiment_by_name(name)
         if experiment is None:
             location = None
-            if self.uri == default_store(self.config.project.root):
+            if self.uri.startswith("sqlite:///"):
                 # Keep artifacts beside the database, not in ./mlruns of whatever folder we run from.
-                location = (Path(self.config.project.root).resolve() / ARTIFACTS_NAME / name).as_uri()
-            experiment_id = self.client.create_experiment(name, artifact_location=location)
+                database = Path(self.uri[len("sqlite:///"):]).resolve()
+                location = (database.parent / ARTIFACTS_NAME / name).as_uri()
+            # The kind makes MLflow 3's UI open on the training-runs view rather than the GenAI overview.
+            experiment_id = self.client.create_experiment(name, artifact_location=location,
+                                                          tags={"mlflow.experimentKind": "custom_model_development"})
         else:
             experiment_id = experiment.experiment_id
         run = self.client.create_run(experiment_id, run_name=run_name(engine))

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from ..errors import AnomalensError
+from ..errors import AnomalensError, ConfigError
 from .base import flatten
 
 # Shown by `runs list`, in this order.
@@ -72,7 +72,17 @@ class RunRecord:
         return f"{self.model}/{self.path.name}"
 
     def params(self) -> dict[str, Any]:
-        return flatten(self.config)
+        """The flattened config, model defaults filled in (a run that left n_features alone used 100)."""
+        config = dict(self.config)
+        model = dict(config.get("model") or {})
+        try:
+            from ..registry import get_model_class
+
+            model = {**get_model_class(model.get("name", "")).defaults, **model}
+        except ConfigError:  # a model this version does not know: show what the run wrote
+            pass
+        config["model"] = model
+        return flatten(config)
 
     def images(self) -> dict[str, Path]:
         """'<defect_type>/<stem>' -> saved prediction image."""
@@ -159,20 +169,27 @@ def best_index(name: str, values: list[Any]) -> int | None:
 
 # --------------------------------------------------------------------------- HTML page
 _CSS = """
-body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:24px 32px;color:#1d1d1f;background:#fafafa}
-h1{font-size:22px;margin:0 0 4px} h2{font-size:17px;margin:28px 0 8px;border-bottom:1px solid #ddd;padding-bottom:4px}
+body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:24px 32px;
+  color:#1d1d1f;background:#fafafa}
+h1{font-size:22px;margin:0 0 4px}
+h2{font-size:17px;margin:28px 0 8px;border-bottom:1px solid #ddd;padding-bottom:4px}
 .sub{color:#666;margin-bottom:16px}
 table{border-collapse:collapse;background:#fff;box-shadow:0 1px 2px rgba(0,0,0,.06)}
 th,td{border:1px solid #e3e3e3;padding:5px 10px;text-align:left;vertical-align:top}
-th{background:#f2f2f4;font-weight:600} td.num{text-align:right;font-variant-numeric:tabular-nums}
-td.best{font-weight:700;color:#0a7a2f;background:#eefaf1} td.key{font-family:ui-monospace,Menlo,monospace;font-size:13px}
+th{background:#f2f2f4;font-weight:600}
+td.num{text-align:right;font-variant-numeric:tabular-nums}
+td.best{font-weight:700;color:#0a7a2f;background:#eefaf1}
+td.key,.imgname{font-family:ui-monospace,Menlo,monospace;font-size:13px}
 .muted{color:#888}
 .grid{display:grid;gap:12px;align-items:start;margin-bottom:18px}
 .cell{background:#fff;border:1px solid #e3e3e3;padding:6px}
-.cell img{width:100%;height:auto;display:block;image-rendering:auto}
-.cap{font-size:12px;color:#444;margin-top:4px} .defect{color:#c0392b;font-weight:600} .good{color:#0a7a2f;font-weight:600}
-.imgname{font-family:ui-monospace,Menlo,monospace;font-size:13px;margin:14px 0 6px;font-weight:600}
+.cell img{display:block;margin:0 auto;max-width:100%;max-height:380px;width:auto;height:auto}
+.cap{font-size:12px;color:#444;margin-top:4px}
+.defect{color:#c0392b;font-weight:600} .good{color:#0a7a2f;font-weight:600}
+.wrong{color:#fff;background:#c0392b;padding:0 4px;border-radius:3px}
+.imgname{margin:14px 0 6px;font-weight:600}
 .head{font-weight:600;font-size:13px;padding:4px 6px;background:#f2f2f4;border:1px solid #e3e3e3}
+.sticky{position:sticky;top:0;z-index:1;background:#fafafa;padding:4px 0}
 """
 
 
@@ -230,7 +247,8 @@ def compare_html(runs: list[RunRecord], out: str | Path, embed_images: bool = Tr
         parts.append("<p class='muted'>None of these runs saved prediction images "
                      "(visualization.save_images).</p>")
     grid = f"<div class='grid' style='grid-template-columns:repeat({n},minmax(0,1fr))'>"
-    parts.append(grid + "".join(f"<div class='head'>{html.escape(r.label)}</div>" for r in runs) + "</div>")
+    parts.append(grid.replace("'grid'", "'grid sticky'")
+                 + "".join(f"<div class='head'>{html.escape(r.label)}</div>" for r in runs) + "</div>")
     for name in names:
         parts.append(f"<div class='imgname'>{html.escape(name)}</div>{grid}")
         for run, imgs in zip(runs, images, strict=True):
@@ -241,9 +259,11 @@ def compare_html(runs: list[RunRecord], out: str | Path, embed_images: bool = Tr
             caption = ""
             if row:
                 decision = {"1": "<span class='defect'>defect</span>", "0": "<span class='good'>good</span>"}
+                pred, truth = row.get("pred_label", ""), row.get("label", "")
+                wrong = " <span class='wrong'>wrong</span>" if pred in ("0", "1") and pred != truth else ""
                 caption = (f"<div class='cap'>score {html.escape(row.get('score', ''))} · normalised "
-                           f"{html.escape(row.get('norm_score', ''))} · {decision.get(row.get('pred_label', ''), '')}"
-                           f" · truth {'defect' if row.get('label') == '1' else 'good'}</div>")
+                           f"{html.escape(row.get('norm_score', ''))} · {decision.get(pred, '')}"
+                           f" · truth {'defect' if truth == '1' else 'good'}{wrong}</div>")
             src = _image_src(imgs[name], out.parent, embed_images)
             parts.append(f"<div class='cell'><img loading='lazy' alt='{html.escape(name)}' src='{src}'>{caption}</div>")
         parts.append("</div>")

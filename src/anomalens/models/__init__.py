@@ -2,3 +2,8 @@
 from . import padim  # noqa: F401
 from . import patchcore  # noqa: F401
 from . import stfpm  # noqa: F401
+from . import reverse_distillation  # noqa: F401
+from . import dfm  # noqa: F401
+from . import efficient_ad  # noqa: F401
+from . import dfkde  # noqa: F401
+from . import draem  # noqa: F401

@@ -1,0 +1,135 @@
+"""CPU speed and accuracy of every runtime and precision, side by side with torch in one run.
+
+For each model (PatchCore, PaDiM by default) a run is trained on one demo category (or taken from
+--run), exported to ONNX and to OpenVINO FP32 / FP16 / INT8, and every artifact is measured on
+the run's test split exactly like `anomalens validate` does: batch-1 latency (P50), throughput
+at batch N (images/s), image AUROC, and FP32 parity with torch.  Speeds are reported as ratios
+to torch measured in the same process, minutes apart.
+
+    .venv/bin/python benchmarks/runtimes.py                        # patchcore + padim, brick, 256 px
+    .venv/bin/python benchmarks/runtimes.py --models padim --run padim=runs/padim/demo/brick/r1
+
+Timings on a shared machine are noisy: compare only numbers from the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+VARIANTS = [("torch", "fp32"), ("onnx", "fp32"), ("openvino", "fp32"), ("openvino", "fp16"), ("openvino", "int8")]
+
+
+def train(model: str, category: str, image_size: int, root: str | None, project: str) -> Path:
+    from anomalens.config import config_from_dict
+    from anomalens.engine import Engine
+
+    config = config_from_dict({
+        "model": {"name": model}, "dataset": {"format": "demo", "root": root, "category": category,
+                                              "image_size": image_size},
+        "visualization": {"save_images": False}, "trainer": {"progress": False, "device": "cpu"},
+        "project": {"root": project},
+    })
+    return Engine(config).run()
+
+
+def measure(run: Path, batch_size: int, repeats: int, max_seconds: float) -> list[dict]:
+    from anomalens.deploy.export import compare_outputs, export, measure_speed, predict_all, split_tensors
+    from anomalens.deploy.inferencer import Inferencer
+    from anomalens.engine import load_checkpoint
+    from anomalens.metrics import auroc
+
+    config, _, post = load_checkpoint(run, "cpu")
+    records, images = split_tensors(config, "test")
+    labels = np.array([r.label for r in records])
+    artifacts: dict[tuple[str, str], Path] = {("torch", "fp32"): run}
+    t0 = time.perf_counter()
+    onnx_path = export(run, "onnx").path
+    export_s = {"onnx": time.perf_counter() - t0}
+    artifacts[("onnx", "fp32")] = onnx_path
+    for precision in ("fp32", "fp16", "int8"):
+        t0 = time.perf_counter()
+        artifacts[("openvino", precision)] = export(run, "openvino", precision, onnx=onnx_path, evaluate=False).path
+        export_s[f"openvino_{precision}"] = time.perf_counter() - t0
+
+    rows, reference = [], None
+    for fmt, precision in VARIANTS:
+        inferencer = Inferencer.load(artifacts[(fmt, precision)], device="cpu")
+        out = predict_all(inferencer, images, batch_size)
+        speed = measure_speed(inferencer, images, batch_size, repeats, max_seconds)
+        row = {"model": config.model_name, "runtime": fmt, "precision": precision, **speed,
+               "image_auroc": float(auroc(labels, out.score.numpy())),
+               "graph_batch": inferencer.batch_size,
+               "export_s": export_s.get(fmt if fmt != "openvino" else f"openvino_{precision}")}
+        if reference is None:
+            reference = out
+        else:
+            parity = compare_outputs(reference, out, float(post.image_threshold), float(post.pixel_threshold))
+            row.update(parity_ok=parity.ok, max_rel_score_diff=parity.max_rel_score_diff,
+                       label_flips=parity.label_flips, mask_flips=parity.mask_flips)
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)
+        del inferencer
+        gc.collect()
+    base = rows[0]
+    for row in rows:
+        row["latency_ratio"] = base["latency_p50_ms"] / row["latency_p50_ms"]  # > 1: faster than torch
+        row["throughput_ratio"] = row["throughput_ips"] / base["throughput_ips"]
+        row["auroc_drop"] = base["image_auroc"] - row["image_auroc"]
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| model | runtime | precision | latency b1 P50 (ms) | speed-up | throughput (img/s) | speed-up "
+             "| image AUROC | AUROC drop | fp32 parity |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        parity = "reference" if r["runtime"] == "torch" else (
+            ("ok" if r["parity_ok"] else "FAILED") if r["precision"] == "fp32" else
+            f"n/a (max rel. diff {r['max_rel_score_diff']:.1e})")
+        lines.append(f"| {r['model']} | {r['runtime']} | {r['precision']} | {r['latency_p50_ms']:.1f} | "
+                     f"{r['latency_ratio']:.2f}x | {r['throughput_ips']:.1f} | {r['throughput_ratio']:.2f}x | "
+                     f"{r['image_auroc']:.4f} | {r['auroc_drop']:+.4f} | {parity} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["patchcore", "padim"])
+    parser.add_argument("--category", default="brick")
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--demo-root", help="demo dataset folder (default: the cache)")
+    parser.add_argument("--run", action="append", default=[], metavar="MODEL=RUN_DIR", help="reuse a trained run")
+    parser.add_argument("--batch-size", type=int, default=8, help="batch of the throughput measurement")
+    parser.add_argument("--repeats", type=int, default=20, help="timed batch-1 calls per runtime")
+    parser.add_argument("--max-seconds", type=float, default=20.0, help="time cap per measurement")
+    parser.add_argument("--out", help="write the rows as JSON here")
+    args = parser.parse_args(argv)
+
+    from anomalens.progress import set_enabled
+
+    set_enabled(False)
+    given = dict(item.split("=", 1) for item in args.run)
+    project = tempfile.mkdtemp(prefix="anomalens-runtimes-")
+    rows = []
+    for model in args.models:
+        run = Path(given[model]) if model in given else train(model, args.category, args.image_size, args.demo_root,
+                                                               project)
+        rows += measure(run, args.batch_size, args.repeats, args.max_seconds)
+    print(f"CPU: {torch.get_num_threads()} torch threads; batch {args.batch_size} for throughput; "
+          f"{args.category} at {args.image_size} px\n")
+    print(table(rows))
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

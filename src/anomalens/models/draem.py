@@ -1,0 +1,166 @@
+"""DRAEM: learn to reconstruct and to segment synthetic anomalies, then segment real ones.
+
+Paper: Zavrtanik, Kristan, Skočaj, "DRAEM - A discriminatively trained reconstruction embedding for
+surface anomaly detection", ICCV 2021 (arXiv:2108.07610).
+
+Training images get synthetic anomalies (half of them; sec. 3.3): a Perlin-noise field is
+thresholded into blob masks M, and a colour-augmented crop A of a foreign image is pasted into M
+with opacity 1 - beta, beta ~ U(0, 0.8).  Two networks are trained together:
+- the reconstructive sub-network, an encoder-decoder without skip connections, maps the corrupted
+  image back to the clean one (loss: L2 + (1 - SSIM));
+- the discriminative sub-network, a U-Net, sees [corrupted image, reconstruction] (6 channels)
+  and segments M (loss: focal, gamma 2).
+It thus learns a distance between an image and its normal-looking reconstruction rather than
+what defects look like.  At test time the anomaly map is the U-Net's softmax probability of
+"anomalous", smoothed; the image score is the maximum of the map averaged over 21 x 21 windows.
+
+Training recipe (paper): Adam, lr 1e-4, 700 epochs, batch 8, lr x 0.2 at 80 % and 90 % of the
+epochs; widths 128 (reconstructive) and 64 (discriminative).  CPU default here: width 8 (16 for
+the reconstructive network), 20 epochs with lr 1e-3, lr x 0.2 at epochs 16 and 18.  On a GPU set
+width: 64, trainer.max_epochs: 700, trainer.optimizer.lr: 0.0001 and milestones [560, 630].
+
+Deviations from the paper:
+- Anomaly source: the photographs bundled with scikit-image (brick, grass and gravel textures plus
+  scenes, objects and microscopy; components/synthetic.py) instead of the DTD texture set, which
+  cannot be downloaded here.  Note that the demo dataset's "foreign" defects are made of these
+  very textures, so demo scores flatter DRAEM a little; real data has no such overlap.
+- Augmentations of the anomaly source: 3 of 8 simple colour/geometry changes (gamma, brightness,
+  offset, channel swap, solarize, posterize, invert, rotation) instead of imgaug's list; the Perlin
+  lattice is isotropic with a random stretch instead of rotated anisotropic noise.
+- The pixel map is Gaussian-smoothed (`blur_sigma`; 0 gives the paper's raw map).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..components.blur import gaussian_blur
+from ..components.losses import focal_loss
+from ..components.ssim import ssim_loss
+from ..components.synthetic import natural_photos, perlin_anomalies
+from ..data.sample import Batch
+from ..errors import AnomalensError, Interval
+from ..registry import register_model
+from .base import AnomalyModel, AnomalyOutput
+
+SCORE_WINDOW = 21  # the paper's averaging window for the image score
+
+
+# --------------------------------------------------------------------------- networks
+def _block(cin: int, cout: int) -> nn.Sequential:
+    """Two conv3x3-BN-ReLU layers, the unit of both sub-networks."""
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+                         nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class _Up(nn.Module):
+    """Bilinear upsampling to a target size, then conv3x3-BN-ReLU."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
+                                  nn.ReLU(inplace=True))
+
+    def forward(self, x: torch.Tensor, size: torch.Size) -> torch.Tensor:
+        return self.conv(F.interpolate(x, size=size, mode="bilinear", align_corners=False))
+
+
+class ReconstructiveNet(nn.Module):
+    """Encoder-decoder without skips: 5 blocks (4 poolings) down to 8x the base width, and back."""
+
+    def __init__(self, base: int):
+        super().__init__()
+        widths = [base, 2 * base, 4 * base, 8 * base, 8 * base]
+        self.down = nn.ModuleList([_block(cin, cout) for cin, cout in zip([3, *widths[:-1]], widths, strict=True)])
+        rev = widths[::-1]  # 8b, 8b, 4b, 2b, b
+        self.ups = nn.ModuleList([_Up(c, c) for c in rev[:-1]])
+        self.blocks = nn.ModuleList([_block(cin, cout) for cin, cout in zip(rev[:-1], rev[1:], strict=True)])
+        self.out = nn.Conv2d(base, 3, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        sizes = []
+        for i, block in enumerate(self.down):
+            if i:
+                x = F.max_pool2d(x, 2)
+            sizes.append(x.shape[-2:])
+            x = block(x)
+        for up, block, size in zip(self.ups, self.blocks, reversed(sizes[:-1]), strict=True):
+            x = block(up(x, size))
+        return self.out(x)
+
+
+class DiscriminativeNet(nn.Module):
+    """U-Net with 6 levels (5 poolings) and skip connections; 2-class logits at the input size."""
+
+    def __init__(self, base: int, in_channels: int = 6):
+        super().__init__()
+        widths = [base, 2 * base, 4 * base, 8 * base, 8 * base, 8 * base]
+        self.down = nn.ModuleList([_block(cin, cout) for cin, cout in
+                                   zip([in_channels, *widths[:-1]], widths, strict=True)])
+        self.ups = nn.ModuleList([_Up(widths[i + 1], widths[i]) for i in reversed(range(len(widths) - 1))])
+        self.blocks = nn.ModuleList([_block(2 * widths[i], widths[i]) for i in reversed(range(len(widths) - 1))])
+        self.out = nn.Conv2d(base, 2, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        for i, block in enumerate(self.down):
+            x = block(F.max_pool2d(x, 2) if i else x)
+            skips.append(x)
+        for up, block, skip in zip(self.ups, self.blocks, reversed(skips[:-1]), strict=True):
+            x = block(torch.cat([up(x, skip.shape[-2:]), skip], dim=1))
+        return self.out(x)
+
+
+# --------------------------------------------------------------------------- model
+@register_model
+class DRAEM(AnomalyModel):
+    """Reconstruction + discriminative U-Net trained on Perlin-noise synthetic anomalies."""
+
+    name = "draem"
+    description = "Reconstruct, then segment: a U-Net trained on synthetic Perlin anomalies (Zavrtanik et al. 2021)."
+    constraints = {
+        "width": Interval(int, 1, 256),
+        "p_anomaly": Interval(float, 0, 1, "right"),
+        "blur_sigma": Interval(float, 0, None),
+    }
+    defaults = {
+        "width": 8,  # discriminative base width; the reconstructive network gets 2x (paper: 64 / 128)
+        "p_anomaly": 0.5,  # share of training images given a synthetic anomaly (paper: 0.5)
+        "blur_sigma": 2.0,
+    }
+    tags = {"trainable": True, "test_params": {"width": 2}, "test_training": {"max_epochs": 1, "max_steps": 2}}
+    training_defaults = {
+        "max_epochs": 20,
+        "optimizer": {"name": "adam", "lr": 1e-3},
+        "scheduler": {"name": "multistep", "milestones": [16, 18], "gamma": 0.2},
+    }
+
+    def __init__(self, **params):
+        super().__init__(**params)
+        width = self.hparams["width"]
+        self.reconstructive = ReconstructiveNet(2 * width)
+        self.discriminative = DiscriminativeNet(width)
+        self.register_buffer("fitted", torch.tensor(False))
+
+    def training_step(self, batch: Batch) -> dict[str, torch.Tensor]:
+        # The numpy generator is seeded from torch's, so seeded runs are reproducible.
+        rng = np.random.default_rng(int(torch.randint(2**31 - 1, (1,))))
+        corrupted, mask = perlin_anomalies(batch.image, rng, natural_photos(), self.hparams["p_anomaly"])
+        reconstruction = self.reconstructive(corrupted)
+        logits = self.discriminative(torch.cat([corrupted, reconstruction], dim=1))
+        l2 = F.mse_loss(reconstruction, batch.image)
+        ssim = ssim_loss(reconstruction, batch.image)
+        focal = focal_loss(logits, mask)
+        self.fitted.fill_(True)
+        return {"loss": l2 + ssim + focal, "l2": l2, "ssim": ssim, "focal": focal}
+
+    def forward(self, images: torch.Tensor) -> AnomalyOutput:
+        if not bool(self.fitted):
+            raise AnomalensError("DRAEM is not fitted; call fit() first.")
+        reconstruction = self.reconstructive(images)
+        probability = self.discriminative(torch.cat([images, reconstruction], dim=1)).softmax(dim=1)[:, 1:]
+        pooled = F.avg_pool2d(probability, SCORE_WINDOW, stride=1, padding=SCORE_WINDOW // 2)
+        anomaly_map = gaussian_blur(probability, self.hparams["blur_sigma"])
+        return AnomalyOutput(pooled.amax(dim=(1, 2, 3)), anomaly_map)

@@ -1,0 +1,252 @@
+"""Export and the parity contract: torch, ONNX Runtime and OpenVINO FP32 reach the same decisions.
+
+Every exportable registered model (tag `exportable`, default true) is trained on tiny demo data,
+exported once to ONNX and converted to OpenVINO from that file; the three runtimes are compared
+with each other and with the engine's own test decisions (scores.csv), independently of the
+library's `compare_outputs`.
+"""
+import csv
+import socket
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("openvino")
+
+from anomalens.config import config_from_dict  # noqa: E402
+from anomalens.deploy.export import (  # noqa: E402
+    PARITY_ATOL,
+    PARITY_RTOL,
+    compare_outputs,
+    export,
+    predict_all,
+    read_metadata,
+    sidecar_path,
+    split_tensors,
+    trace,
+)
+from anomalens.deploy.inferencer import Inferencer  # noqa: E402
+from anomalens.engine import Engine, load_checkpoint  # noqa: E402
+from anomalens.errors import AnomalensError, ConfigError  # noqa: E402
+from anomalens.metrics import auroc  # noqa: E402
+from anomalens.models.base import AnomalyModel, AnomalyOutput  # noqa: E402
+from anomalens.registry import get_model_class, list_models  # noqa: E402
+
+EXPORTABLE = [name for name in list_models() if get_model_class(name).tags.get("exportable", True)]
+
+
+def tiny_run(root, project, model):
+    """A real engine run at 64 px; a model's tags say how to keep it small (as in the common suite)."""
+    cls = get_model_class(model)
+    params = {"weights": "none"} if "weights" in cls.constraints else {}
+    config = config_from_dict({
+        "model": {"name": model, **params, **cls.tags.get("test_params", {})},
+        "dataset": {"format": "mvtec", "root": str(root), "category": "brick", "image_size": 64, "batch_size": 8},
+        "visualization": {"save_images": False},
+        "trainer": {"progress": False, "device": "cpu", **cls.tags.get("test_training", {})},
+        "project": {"root": str(project)},
+    })
+    return Engine(config).run()
+
+
+class Exports:
+    """Per model, on first use: a tiny run, its ONNX export, and OpenVINO FP32 converted from that file."""
+
+    def __init__(self, root, project):
+        self.root, self.project, self.cache = root, project, {}
+
+    def __getitem__(self, name):
+        if name not in self.cache:
+            run = tiny_run(self.root, self.project, name)
+            onnx_path = export(run, "onnx").path
+            xml_path = export(run, "openvino", "fp32", onnx=onnx_path).path
+            self.cache[name] = (run, onnx_path, xml_path)
+        return self.cache[name]
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_demo_root, tmp_path_factory):
+    return Exports(tiny_demo_root, tmp_path_factory.mktemp("export"))
+
+
+def _outputs(artifact, images, runtime=None):
+    return predict_all(Inferencer.load(artifact, device="cpu", runtime=runtime), images, batch_size=4)
+
+
+@pytest.mark.parametrize("name", EXPORTABLE)
+def test_torch_onnxruntime_and_openvino_agree_within_the_contract(exported, name):
+    run, onnx_path, xml_path = exported[name]
+    config, _, post = load_checkpoint(run)
+    _, images = split_tensors(config, "test")
+    t_img, t_pix = float(post.image_threshold), float(post.pixel_threshold)
+    reference = _outputs(run, images)
+    for artifact, runtime in [(onnx_path, None), (xml_path, None), (onnx_path, "openvino")]:
+        got = _outputs(artifact, images, runtime)
+        # Scores and maps: |a - b| <= atol + rtol |a|, checked here without the library's helper.
+        np.testing.assert_allclose(got.score.numpy(), reference.score.numpy(), rtol=PARITY_RTOL, atol=PARITY_ATOL)
+        np.testing.assert_allclose(got.anomaly_map.numpy(), reference.anomaly_map.numpy(), rtol=PARITY_RTOL,
+                                   atol=PARITY_ATOL)
+        np.testing.assert_allclose(got.norm_score.numpy(), reference.norm_score.numpy(), atol=1e-5)
+        # Decisions: identical, except where the reference value sits on the threshold within tolerance.
+        near_img = np.abs(reference.score.numpy() - t_img) <= PARITY_ATOL + PARITY_RTOL * abs(t_img)
+        assert not ((got.pred_label != reference.pred_label).numpy() & ~near_img).any()
+        near_pix = np.abs(reference.anomaly_map.numpy() - t_pix) <= PARITY_ATOL + PARITY_RTOL * abs(t_pix)
+        off = (got.pred_mask != reference.pred_mask).numpy() & ~near_pix
+        assert off.sum() == 0, f"{off.sum()} mask pixels differ away from the threshold"
+        assert compare_outputs(reference, got, t_img, t_pix).ok
+
+
+@pytest.mark.parametrize("name", EXPORTABLE)
+def test_exported_graph_reproduces_the_engine_test_decisions(exported, name):
+    run, onnx_path, xml_path = exported[name]
+    config, _, _ = load_checkpoint(run)
+    records, images = split_tensors(config, "test")
+    with open(run / "scores.csv", newline="") as fh:
+        engine = {row["path"]: row for row in csv.DictReader(fh)}
+    for artifact in (onnx_path, xml_path):
+        got = _outputs(artifact, images)
+        for i, record in enumerate(records):
+            row = engine[record.path]
+            # scores.csv keeps 6 significant digits.
+            assert float(got.score[i]) == pytest.approx(float(row["score"]), rel=PARITY_RTOL + 5e-6, abs=PARITY_ATOL)
+            assert int(got.pred_label[i]) == int(row["pred_label"])
+
+
+@pytest.mark.parametrize("name", EXPORTABLE)
+def test_metadata_travels_with_the_artifact(exported, name):
+    run, onnx_path, xml_path = exported[name]
+    config, _, post = load_checkpoint(run)
+    for artifact in (onnx_path, xml_path):
+        meta = read_metadata(artifact)
+        assert meta["model"] == name and meta["input_size"] == [64, 64]
+        assert meta["image_threshold"] == float(post.image_threshold)
+        assert meta["pixel_threshold"] == float(post.pixel_threshold)
+        assert meta["image_scale"] == float(post.image_scale) and meta["pixel_scale"] == float(post.pixel_scale)
+        assert meta["anomalens_version"] and meta["precision"] == "fp32" and meta["inference_precision"] == "f32"
+        assert meta["config"] == config.to_dict()
+    assert read_metadata(onnx_path)["format"] == "onnx" and read_metadata(xml_path)["format"] == "openvino"
+    assert sidecar_path(xml_path).is_file() and xml_path.with_suffix(".bin").is_file()
+
+
+def test_a_fixed_batch_graph_matches_its_metadata(exported):
+    """Graphs that torch.export cannot keep batch-dynamic are traced at batch 1 and say so."""
+    import onnx
+
+    for name in EXPORTABLE:
+        _, onnx_path, _ = exported[name]
+        meta = read_metadata(onnx_path)
+        dim = onnx.load(str(onnx_path)).graph.input[0].type.tensor_type.shape.dim[0]
+        if meta["batch_size"] is None:
+            assert dim.dim_param, name
+        else:
+            assert dim.dim_value == meta["batch_size"] == 1, name
+
+
+def test_int8_and_fp16_report_their_auroc_against_the_run(exported):
+    name = EXPORTABLE[0]
+    run, onnx_path, xml_path = exported[name]
+    result = export(run, "openvino", "int8", onnx=onnx_path)
+    ev = result.evaluation
+    # The reference is the engine's own test AUROC, recomputed here from scores.csv.
+    with open(run / "scores.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    expected = auroc(np.array([int(r["label"]) for r in rows]), np.array([float(r["score"]) for r in rows]))
+    assert ev["reference_auroc"] == pytest.approx(expected)
+    assert ev["auroc_drop"] == pytest.approx(ev["reference_auroc"] - ev["auroc"])
+    meta = read_metadata(result.path)
+    assert meta["precision"] == "int8" and meta["evaluation"] == ev and meta["int8_scope"] == ["model.backbone"]
+    assert meta["calibration"]["images"] == 8  # the tiny run's training split
+    # The int8 model's own AUROC, recomputed independently.
+    config, _, _ = load_checkpoint(run)
+    records, images = split_tensors(config, "test")
+    scores = _outputs(result.path, images).score.numpy()
+    assert ev["auroc"] == pytest.approx(auroc(np.array([r.label for r in records]), scores))
+
+    fp16 = export(run, "openvino", "fp16", onnx=onnx_path, evaluate=False).path
+    fp32_bytes, fp16_bytes = xml_path.with_suffix(".bin").stat().st_size, fp16.with_suffix(".bin").stat().st_size
+    assert 0.4 < fp16_bytes / fp32_bytes < 0.6  # weights stored in half precision
+
+
+def test_export_opens_no_outside_connection(exported, monkeypatch):
+    run, onnx_path, _ = exported[EXPORTABLE[0]]
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args)
+        raise OSError("network disabled in this test")
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    export(run, "openvino", "fp32", out=onnx_path.parent.parent / "offline", onnx=onnx_path)
+    assert attempts == []
+    # OpenVINO's converter and NNCF fall back to their no-op telemetry stubs.
+    assert sys.modules.get("openvino_telemetry", "absent") is None or hasattr(
+        sys.modules["openvino_telemetry"], "Telemetry")
+
+
+@pytest.mark.parametrize("fmt, precision, message", [
+    ("onnx", "int8", "Precision 'int8' is not available for the onnx format (it exports fp32); use --format openvino "
+                     "for fp16 or int8."),
+    ("tflite", "fp32", "The 'format' parameter of export must be one of 'torch', 'onnx', 'openvino'. Got 'tflite' "
+                       "instead."),
+])
+def test_unsupported_format_or_precision_is_one_clear_line(exported, fmt, precision, message):
+    run = exported[EXPORTABLE[0]][0]
+    with pytest.raises(ConfigError) as err:
+        export(run, fmt, precision)
+    assert str(err.value) == message
+
+
+class _Branchy(AnomalyModel):
+    """Not registered: its forward branches on a tensor's value, which no static graph can hold."""
+
+    name = "branchy"
+
+    def forward(self, images):
+        score = images.mean(dim=(1, 2, 3))
+        if float(score.max()) > 0.5:  # data-dependent Python control flow
+            score = score * 2
+        return AnomalyOutput(score=score, anomaly_map=images[:, :1])
+
+
+def test_a_model_that_cannot_export_names_the_line_that_blocks_it(exported):
+    _, _, post = load_checkpoint(exported[EXPORTABLE[0]][0])
+    with pytest.raises(AnomalensError) as err:
+        trace(_Branchy(), post, 32)
+    text = str(err.value)
+    assert text.startswith("Cannot export _Branchy to onnx: test_export.py line ")
+    assert "in forward: `if float(score.max()) > 0.5:" in text and "\n" not in text
+
+    class Declared(_Branchy):
+        tags = {"exportable": False, "export_blocker": "its k-d tree search runs in Python"}
+
+    with pytest.raises(AnomalensError, match=r"^Cannot export Declared to openvino: its k-d tree search runs in "
+                                             r"Python\. Use --format torch\.$"):
+        trace(Declared(), post, 32, fmt="openvino")
+
+
+def test_torch_artifact_is_a_checkpoint_with_metadata(exported, tmp_path):
+    run = exported[EXPORTABLE[0]][0]
+    path = export(run, "torch", out=tmp_path).path
+    assert path == tmp_path / "model.pt"
+    payload = torch.load(path, weights_only=True)
+    assert payload["metadata"]["format"] == "torch" and payload["metadata"]["batch_size"] is None
+    config, model, post = load_checkpoint(path)  # the engine can read it back
+    assert float(post.image_threshold) == payload["metadata"]["image_threshold"]
+
+
+def test_export_and_validate_commands(exported, tmp_path, capsys):
+    from anomalens.cli import main
+
+    run, onnx_path, xml_path = exported[EXPORTABLE[0]]
+    assert main(["export", "--run", str(run), "--format", "torch", "--out", str(tmp_path / "t.pt")]) == 0
+    assert (tmp_path / "t.pt").is_file() and "Exported" in capsys.readouterr().out
+    assert main(["validate", str(xml_path), "--run", str(run), "--repeats", "3", "--batch-size", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "Parity: OK" in out and "Latency, batch 1" in out and "Size on disk" in out
+    assert main(["export", "--run", str(run), "--format", "onnx", "--precision", "int8"]) == 2
+    assert capsys.readouterr().err.startswith("error: Precision 'int8' is not available for the onnx format")
