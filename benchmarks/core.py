@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -90,18 +91,21 @@ def _timed(fn) -> float:
 
 # --------------------------------------------------------------------------- orchestration
 def subset(root: Path, category: str, max_train: int, workdir: Path) -> Path:
-    """An MVTec-layout copy (symlinks) with `max_train` evenly spread training images."""
+    """An MVTec-layout copy with `max_train` evenly spread training images (copies: the peer's
+    loader does not follow symbolic links)."""
     src = root / category
     dst = workdir / f"{category}-{max_train}" / category
     if not dst.exists():
+        tmp = dst.with_name(dst.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
         for part in ("test", "ground_truth"):
-            dst.mkdir(parents=True, exist_ok=True)
-            (dst / part).symlink_to(src / part)
+            shutil.copytree(src / part, tmp / part)
         train = sorted((src / "train" / "good").iterdir())
         step = max(1, len(train) // max_train)
-        (dst / "train" / "good").mkdir(parents=True)
+        (tmp / "train" / "good").mkdir(parents=True)
         for p in train[::step][:max_train]:
-            (dst / "train" / "good" / p.name).symlink_to(p)
+            shutil.copy2(p, tmp / "train" / "good" / p.name)
+        tmp.rename(dst)
     return dst.parent
 
 
@@ -124,8 +128,8 @@ def main() -> int:
     p.add_argument("--categories", nargs="+", default=None, help="demo categories (default: all)")
     p.add_argument("--mtd", default=None, help="magnetic-tile root (MVTec layout, category magnetic_tile)")
     p.add_argument("--max-train", type=int, default=None,
-                   help="evenly spread subset of training images for the real data set (the peer's PatchCore "
-                        "coreset does not finish on 761 images)")
+                   help="evenly spread subset of training images for every data set (the peer's PatchCore "
+                        "coreset does not finish within an hour on a few hundred images)")
     p.add_argument("--peer", action="store_true", help="also run anomalib 2.7 through ../shared/peer")
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--seed", type=int, default=42)
@@ -140,12 +144,13 @@ def main() -> int:
     from anomalens.data.demo import DEMO_CATEGORIES, default_demo_root, ensure_demo
 
     demo_root = ensure_demo(default_demo_root(), image_size=a.image_size)
-    datasets = [(str(demo_root), c, "demo") for c in (a.categories or DEMO_CATEGORIES)]
+    datasets = [(demo_root, c, "demo") for c in (a.categories or DEMO_CATEGORIES)]
     if a.mtd:
-        mtd_root = Path(a.mtd).resolve()
-        if a.max_train:
-            mtd_root = subset(mtd_root, "magnetic_tile", a.max_train, Path(tempfile.gettempdir()) / "anomalens-bench")
-        datasets.append((str(mtd_root), "magnetic_tile", "mtd"))
+        datasets.append((Path(a.mtd).resolve(), "magnetic_tile", "mtd"))
+    if a.max_train:  # the same evenly spread training subset for both libraries
+        work = Path(tempfile.gettempdir()) / "anomalens-bench"
+        datasets = [(subset(root, c, a.max_train, work), c, kind) for root, c, kind in datasets]
+    datasets = [(str(root), c, kind) for root, c, kind in datasets]
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     rows = []
     for root, category, kind in datasets:

@@ -9,20 +9,23 @@ to torch measured in the same process, minutes apart.
     .venv/bin/python benchmarks/runtimes.py                        # patchcore + padim, brick, 256 px
     .venv/bin/python benchmarks/runtimes.py --models padim --run padim=runs/padim/demo/brick/r1
 
-Timings on a shared machine are noisy: compare only numbers from the same run.
+Timings on a shared machine are noisy: compare only numbers from the same run.  When other jobs
+load the CPU, torch's OpenMP threads spin against them and its multi-threaded timings collapse
+(5-10x slower in our runs) while ONNX Runtime's and OpenVINO's pools degrade gracefully; use
+--threads 1 there for a fair per-core comparison.
 """
 from __future__ import annotations
 
 import argparse
 import gc
 import json
+import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 VARIANTS = [("torch", "fp32"), ("onnx", "fp32"), ("openvino", "fp32"), ("openvino", "fp16"), ("openvino", "int8")]
 
@@ -40,7 +43,7 @@ def train(model: str, category: str, image_size: int, root: str | None, project:
     return Engine(config).run()
 
 
-def measure(run: Path, batch_size: int, repeats: int, max_seconds: float) -> list[dict]:
+def measure(run: Path, batch_size: int, repeats: int, max_seconds: float, threads: int | None) -> list[dict]:
     from anomalens.deploy.export import compare_outputs, export, measure_speed, predict_all, split_tensors
     from anomalens.deploy.inferencer import Inferencer
     from anomalens.engine import load_checkpoint
@@ -61,7 +64,7 @@ def measure(run: Path, batch_size: int, repeats: int, max_seconds: float) -> lis
 
     rows, reference = [], None
     for fmt, precision in VARIANTS:
-        inferencer = Inferencer.load(artifacts[(fmt, precision)], device="cpu")
+        inferencer = Inferencer.load(artifacts[(fmt, precision)], device="cpu", threads=threads)
         out = predict_all(inferencer, images, batch_size)
         speed = measure_speed(inferencer, images, batch_size, repeats, max_seconds)
         row = {"model": config.model_name, "runtime": fmt, "precision": precision, **speed,
@@ -110,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8, help="batch of the throughput measurement")
     parser.add_argument("--repeats", type=int, default=20, help="timed batch-1 calls per runtime")
     parser.add_argument("--max-seconds", type=float, default=20.0, help="time cap per measurement")
+    parser.add_argument("--threads", type=int, help="CPU threads for every runtime (default: each one's own)")
     parser.add_argument("--out", help="write the rows as JSON here")
     args = parser.parse_args(argv)
 
@@ -122,8 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     for model in args.models:
         run = Path(given[model]) if model in given else train(model, args.category, args.image_size, args.demo_root,
                                                                project)
-        rows += measure(run, args.batch_size, args.repeats, args.max_seconds)
-    print(f"CPU: {torch.get_num_threads()} torch threads; batch {args.batch_size} for throughput; "
+        rows += measure(run, args.batch_size, args.repeats, args.max_seconds, args.threads)
+    threads = f"{args.threads} thread(s) per runtime" if args.threads else "default threads"
+    print(f"CPU: {os.cpu_count()} cores, {threads}; batch {args.batch_size} for throughput; "
           f"{args.category} at {args.image_size} px\n")
     print(table(rows))
     if args.out:

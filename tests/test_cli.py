@@ -60,7 +60,7 @@ def test_models_lists_descriptions(capsys):
 @pytest.mark.parametrize("argv, message", [
     (["train", "--dataset.imgsize", "3"], "error: Unknown config key 'dataset.imgsize'. Did you mean 'image_size'?"),
     (["train", "--model.name", "nope"], "error: Unknown model 'nope'."),
-    (["predict", "--run", "/nonexistent", "--input", "x"], "error: No checkpoint found at '/nonexistent': pass a run folder or its model.pt."),
+    (["predict", "--run", "/nonexistent", "--input", "x"], "error: No model found at '/nonexistent': pass a run folder, its model.pt, or an exported model (.pt, .onnx, .xml)."),
 ])
 def test_user_mistakes_exit_2_with_one_line(argv, message, capsys):
     assert main(argv) == 2

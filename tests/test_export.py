@@ -53,17 +53,24 @@ def tiny_run(root, project, model):
 
 
 class Exports:
-    """Per model, on first use: a tiny run, its ONNX export, and OpenVINO FP32 converted from that file."""
+    """Per model, on first use: a tiny run, its ONNX export, and OpenVINO FP32 converted from that file.
+
+    A failure is kept too, so a model that cannot export fails each of its tests without retrying.
+    """
 
     def __init__(self, root, project):
         self.root, self.project, self.cache = root, project, {}
 
     def __getitem__(self, name):
         if name not in self.cache:
-            run = tiny_run(self.root, self.project, name)
-            onnx_path = export(run, "onnx").path
-            xml_path = export(run, "openvino", "fp32", onnx=onnx_path).path
-            self.cache[name] = (run, onnx_path, xml_path)
+            try:
+                run = tiny_run(self.root, self.project, name)
+                onnx_path = export(run, "onnx").path
+                self.cache[name] = (run, onnx_path, export(run, "openvino", "fp32", onnx=onnx_path).path)
+            except Exception as exc:  # noqa: BLE001 - re-raised by every test of this model
+                self.cache[name] = exc
+        if isinstance(self.cache[name], Exception):
+            raise self.cache[name]
         return self.cache[name]
 
 
@@ -72,17 +79,24 @@ def exported(tiny_demo_root, tmp_path_factory):
     return Exports(tiny_demo_root, tmp_path_factory.mktemp("export"))
 
 
+# The fast tests use one model; the contract over every registered model is marked slow (one
+# export costs ~5-20 s of CPU per model), run by `make test`, skipped by `make test-fast`.
+FAST = "patchcore"
+EVERY_MODEL = [pytest.param(name, marks=pytest.mark.slow) for name in EXPORTABLE]
+
+
 def _outputs(artifact, images, runtime=None):
     return predict_all(Inferencer.load(artifact, device="cpu", runtime=runtime), images, batch_size=4)
 
 
-@pytest.mark.parametrize("name", EXPORTABLE)
-def test_torch_onnxruntime_and_openvino_agree_within_the_contract(exported, name):
-    run, onnx_path, xml_path = exported[name]
+def check_parity_contract(run, onnx_path, xml_path):
+    """torch vs ONNX Runtime vs OpenVINO FP32 on the run's test split, and vs the engine's scores.csv."""
     config, _, post = load_checkpoint(run)
-    _, images = split_tensors(config, "test")
+    records, images = split_tensors(config, "test")
     t_img, t_pix = float(post.image_threshold), float(post.pixel_threshold)
     reference = _outputs(run, images)
+    with open(run / "scores.csv", newline="") as fh:
+        engine = {row["path"]: row for row in csv.DictReader(fh)}
     for artifact, runtime in [(onnx_path, None), (xml_path, None), (onnx_path, "openvino")]:
         got = _outputs(artifact, images, runtime)
         # Scores and maps: |a - b| <= atol + rtol |a|, checked here without the library's helper.
@@ -97,27 +111,16 @@ def test_torch_onnxruntime_and_openvino_agree_within_the_contract(exported, name
         off = (got.pred_mask != reference.pred_mask).numpy() & ~near_pix
         assert off.sum() == 0, f"{off.sum()} mask pixels differ away from the threshold"
         assert compare_outputs(reference, got, t_img, t_pix).ok
-
-
-@pytest.mark.parametrize("name", EXPORTABLE)
-def test_exported_graph_reproduces_the_engine_test_decisions(exported, name):
-    run, onnx_path, xml_path = exported[name]
-    config, _, _ = load_checkpoint(run)
-    records, images = split_tensors(config, "test")
-    with open(run / "scores.csv", newline="") as fh:
-        engine = {row["path"]: row for row in csv.DictReader(fh)}
-    for artifact in (onnx_path, xml_path):
-        got = _outputs(artifact, images)
+        # The engine's own test decisions (scores.csv keeps 6 significant digits).
         for i, record in enumerate(records):
             row = engine[record.path]
-            # scores.csv keeps 6 significant digits.
             assert float(got.score[i]) == pytest.approx(float(row["score"]), rel=PARITY_RTOL + 5e-6, abs=PARITY_ATOL)
             assert int(got.pred_label[i]) == int(row["pred_label"])
 
 
-@pytest.mark.parametrize("name", EXPORTABLE)
-def test_metadata_travels_with_the_artifact(exported, name):
-    run, onnx_path, xml_path = exported[name]
+def check_metadata(run, onnx_path, xml_path, name):
+    import onnx
+
     config, _, post = load_checkpoint(run)
     for artifact in (onnx_path, xml_path):
         meta = read_metadata(artifact)
@@ -129,25 +132,29 @@ def test_metadata_travels_with_the_artifact(exported, name):
         assert meta["config"] == config.to_dict()
     assert read_metadata(onnx_path)["format"] == "onnx" and read_metadata(xml_path)["format"] == "openvino"
     assert sidecar_path(xml_path).is_file() and xml_path.with_suffix(".bin").is_file()
+    # A graph torch.export could not keep batch-dynamic is traced at batch 1, and says so.
+    meta = read_metadata(onnx_path)
+    dim = onnx.load(str(onnx_path)).graph.input[0].type.tensor_type.shape.dim[0]
+    assert bool(dim.dim_param) if meta["batch_size"] is None else dim.dim_value == meta["batch_size"] == 1
 
 
-def test_a_fixed_batch_graph_matches_its_metadata(exported):
-    """Graphs that torch.export cannot keep batch-dynamic are traced at batch 1 and say so."""
-    import onnx
+@pytest.mark.parametrize("name", EVERY_MODEL)
+def test_every_exportable_model_keeps_its_decisions_on_every_runtime(exported, name):
+    run, onnx_path, xml_path = exported[name]
+    check_parity_contract(run, onnx_path, xml_path)
+    check_metadata(run, onnx_path, xml_path, name)
 
-    for name in EXPORTABLE:
-        _, onnx_path, _ = exported[name]
-        meta = read_metadata(onnx_path)
-        dim = onnx.load(str(onnx_path)).graph.input[0].type.tensor_type.shape.dim[0]
-        if meta["batch_size"] is None:
-            assert dim.dim_param, name
-        else:
-            assert dim.dim_value == meta["batch_size"] == 1, name
+
+def test_parity_contract(exported):
+    check_parity_contract(*exported[FAST])
+
+
+def test_metadata_travels_with_the_artifact(exported):
+    check_metadata(*exported[FAST], FAST)
 
 
 def test_int8_and_fp16_report_their_auroc_against_the_run(exported):
-    name = EXPORTABLE[0]
-    run, onnx_path, xml_path = exported[name]
+    run, onnx_path, xml_path = exported[FAST]
     result = export(run, "openvino", "int8", onnx=onnx_path)
     ev = result.evaluation
     # The reference is the engine's own test AUROC, recomputed here from scores.csv.
@@ -171,7 +178,7 @@ def test_int8_and_fp16_report_their_auroc_against_the_run(exported):
 
 
 def test_export_opens_no_outside_connection(exported, monkeypatch):
-    run, onnx_path, _ = exported[EXPORTABLE[0]]
+    run, onnx_path, _ = exported[FAST]
     attempts = []
 
     def refuse(*args, **kwargs):
@@ -195,7 +202,7 @@ def test_export_opens_no_outside_connection(exported, monkeypatch):
                        "instead."),
 ])
 def test_unsupported_format_or_precision_is_one_clear_line(exported, fmt, precision, message):
-    run = exported[EXPORTABLE[0]][0]
+    run = exported[FAST][0]
     with pytest.raises(ConfigError) as err:
         export(run, fmt, precision)
     assert str(err.value) == message
@@ -214,7 +221,7 @@ class _Branchy(AnomalyModel):
 
 
 def test_a_model_that_cannot_export_names_the_line_that_blocks_it(exported):
-    _, _, post = load_checkpoint(exported[EXPORTABLE[0]][0])
+    _, _, post = load_checkpoint(exported[FAST][0])
     with pytest.raises(AnomalensError) as err:
         trace(_Branchy(), post, 32)
     text = str(err.value)
@@ -230,7 +237,7 @@ def test_a_model_that_cannot_export_names_the_line_that_blocks_it(exported):
 
 
 def test_torch_artifact_is_a_checkpoint_with_metadata(exported, tmp_path):
-    run = exported[EXPORTABLE[0]][0]
+    run = exported[FAST][0]
     path = export(run, "torch", out=tmp_path).path
     assert path == tmp_path / "model.pt"
     payload = torch.load(path, weights_only=True)
@@ -242,7 +249,7 @@ def test_torch_artifact_is_a_checkpoint_with_metadata(exported, tmp_path):
 def test_export_and_validate_commands(exported, tmp_path, capsys):
     from anomalens.cli import main
 
-    run, onnx_path, xml_path = exported[EXPORTABLE[0]]
+    run, onnx_path, xml_path = exported[FAST]
     assert main(["export", "--run", str(run), "--format", "torch", "--out", str(tmp_path / "t.pt")]) == 0
     assert (tmp_path / "t.pt").is_file() and "Exported" in capsys.readouterr().out
     assert main(["validate", str(xml_path), "--run", str(run), "--repeats", "3", "--batch-size", "4"]) == 0

@@ -85,9 +85,10 @@ def cmd_test(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     from .engine import Engine, load_checkpoint
 
     config, model, post = load_checkpoint(args.run)
-    # The run's images stay as they were; a re-test only writes metrics_retest.json and scores_retest.csv.
-    config = config_from_dict(apply_overrides(config.to_dict(), {"visualization.save_images": False,
-                                                                 "visualization.show_images": False, **overrides}))
+    # The run's images and tracker runs stay as they were; a re-test only writes metrics_retest.json
+    # and scores_retest.csv (so it needs none of the trackers' SDKs either).
+    quiet = {"visualization.save_images": False, "visualization.show_images": False, "logging.logger": "csv"}
+    config = config_from_dict(apply_overrides(config.to_dict(), {**quiet, **overrides}))
     engine = Engine(config)
     engine.run_dir = Path(args.run)
     engine.setup()

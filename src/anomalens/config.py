@@ -144,12 +144,15 @@ class Config:
     def flat(self) -> dict[str, Any]:
         """Dotted key -> value, e.g. {'dataset.image_size': 256, 'model.name': 'padim'}."""
         out: dict[str, Any] = {}
-        for section, values in self.to_dict().items():
-            if isinstance(values, dict):
-                for k, v in values.items():
-                    out[f"{section}.{k}"] = v
+
+        def walk(prefix: str, value: Any) -> None:
+            if isinstance(value, dict) and value:
+                for k, v in value.items():
+                    walk(f"{prefix}.{k}" if prefix else k, v)
             else:
-                out[section] = values
+                out[prefix] = value
+
+        walk("", self.to_dict())
         return out
 
 

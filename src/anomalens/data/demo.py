@@ -31,7 +31,7 @@ from ..errors import DataError
 from ..progress import track
 
 DEMO_CATEGORIES = ("brick", "grass", "gravel", "flange")
-DEMO_VERSION = 1  # bump when the generator changes, so cached demo sets are rebuilt
+DEMO_VERSION = 2  # bump when the generator changes, so cached demo sets are rebuilt
 MASK_TOLERANCE = 4  # grey levels; a pixel changed by more than this always lies inside the mask
 _MARKER = ".anomalens-demo.json"
 _NOISE = 1.5  # sensor noise (grey levels), identical in a defect image and its defect-free twin
@@ -327,17 +327,18 @@ def _scratch(scene: _Scene, rng: np.random.Generator) -> DefectResult:
     steps = np.stack([np.sin(heading), np.cos(heading)], axis=1) * length / len(t)
     vertices = np.array(_point_in(scene, rng)) + np.cumsum(steps, axis=0) - steps.sum(axis=0) / 2
     pts, along = _densify(vertices)
-    half = _line_width(size, rng, 0.8, 2.2) / 2 * np.sin(np.pi * np.clip(along, 0.02, 0.98)) ** 0.4
+    # >= ~1.5 px wide at 256 px: thinner lines vanish into fine textures (grass) and become label noise.
+    half = _line_width(size, rng, 1.6, 3.2) / 2 * np.sin(np.pi * np.clip(along, 0.02, 0.98)) ** 0.4
     alpha = _stroke(size, pts, half) * (scene.region > 0.99)
     img = scene.image
     target = img * 0.45 + rng.uniform(120, 140) if rng.random() < 0.75 else img * rng.uniform(0.3, 0.5)
-    return _blend(img, target, alpha * rng.uniform(0.75, 1.0)), alpha
+    return _blend(img, target, alpha * rng.uniform(0.85, 1.0)), alpha
 
 
 def _crack(scene: _Scene, rng: np.random.Generator) -> DefectResult:
     """A dark branching random walk, widest at its origin and thinning out along every branch."""
     size = scene.region.shape[0]
-    width = _line_width(size, rng, 1.0, 2.4)
+    width = _line_width(size, rng, 1.6, 3.0)
     total = rng.uniform(0.25, 0.5) * size
     todo = [(np.array(_point_in(scene, rng, 0.2)), rng.uniform(0, 2 * np.pi), total, width)]
     alpha = np.zeros((size, size))
@@ -362,11 +363,12 @@ def _crack(scene: _Scene, rng: np.random.Generator) -> DefectResult:
 def _stain(scene: _Scene, rng: np.random.Generator) -> DefectResult:
     """A Perlin-shaped stain of uneven density: dark oil/rust most often, sometimes a pale deposit."""
     size = scene.region.shape[0]
-    shape = _blob(size, _point_in(scene, rng), _area_share(rng), rng) * scene.region
-    density = rng.uniform(0.6, 0.9) * (0.75 + 0.25 * fractal_noise((size, size), size / 12, rng))
+    # At least ~1.5 % of the image: smaller, faint stains are invisible on busy textures.
+    shape = _blob(size, _point_in(scene, rng), _area_share(rng, 0.015, 0.1), rng) * scene.region
+    density = rng.uniform(0.75, 0.95) * (0.75 + 0.25 * fractal_noise((size, size), size / 12, rng))
     img = scene.image
     if rng.random() < 0.7:
-        target = img * rng.uniform(0.4, 0.65) * np.array([1.0, 0.86, 0.66])
+        target = img * rng.uniform(0.35, 0.55) * np.array([1.0, 0.86, 0.66])
     else:
         target = img * 0.5 + np.array([215.0, 210.0, 195.0]) * 0.5
     return _blend(img, target, shape * density), shape

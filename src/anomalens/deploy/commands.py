@@ -39,7 +39,7 @@ def cmd_export(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
 
     _no_overrides("export", overrides)
     result = export(args.run, args.format, args.precision, args.out, batch_size=args.batch_size,
-                    calibration=args.calibration, calibration_size=args.calibration_size)
+                    calibration=args.calibration, calibration_size=args.calibration_size, onnx=args.onnx)
     console = _console()
     batch = result.metadata["batch_size"]
     console.print(f"Exported {result.metadata['model']} as {args.format} {args.precision} "
@@ -126,6 +126,7 @@ def add_commands(subparsers: Any) -> None:
                    help="fix the graph's batch size (default: any batch when the model allows it, else 1)")
     p.add_argument("--calibration", help="int8: folder of good images to calibrate on (default: the run's train split)")
     p.add_argument("--calibration-size", type=_positive, default=300, help="int8: number of calibration images")
+    p.add_argument("--onnx", help="openvino: convert this ONNX export of the run instead of tracing the model again")
     p.set_defaults(func=cmd_export)
 
     p = subparsers.add_parser("validate", help="check an exported model against its run: parity, speed, memory, size")

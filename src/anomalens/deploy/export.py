@@ -18,6 +18,8 @@ NNCF is imported, so an export opens no outside connection.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import sys
@@ -25,7 +27,7 @@ import tempfile
 import time
 import traceback
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -197,7 +199,8 @@ def _import(module: str, extra: str = "export"):
     if module.startswith(("openvino", "nncf")):
         disable_openvino_telemetry()
     try:
-        return importlib.import_module(module)
+        with _quiet():  # NNCF's import logs a CUDA notice through torch on CPU-only machines
+            return importlib.import_module(module)
     except ImportError:
         raise missing_dependency(module.split(".")[0], extra) from None
 
@@ -264,8 +267,7 @@ def trace(model: nn.Module, postprocessor: nn.Module, image_size: int, batch_siz
     def run(batch: int, dynamic: bool):
         example = torch.rand(batch, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
         shapes = {"images": {0: torch.export.Dim.AUTO}} if dynamic else None
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
+        with _quiet(), torch.no_grad():
             return torch.export.export(graph, (example,), dynamic_shapes=shapes, strict=False)
 
     try:
@@ -280,6 +282,15 @@ def trace(model: nn.Module, postprocessor: nn.Module, image_size: int, batch_siz
         raise
     except Exception as exc:  # torch.export raises many types: name the line that blocks it
         raise _export_error(model, fmt, exc, "torch.export") from exc
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence torch's exporters: on failure torch.export prints the partial graph to stderr (hundreds of
+    lines) before raising; we turn the error into one line instead."""
+    with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        yield
 
 
 def _input_shape(program: Any) -> list[int | None]:
@@ -310,8 +321,7 @@ def write_onnx(path: Path, program: Any, metadata: dict, model: nn.Module | None
     _import("onnxscript")
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with _quiet():
             onnx_program = torch.onnx.export(program, (), dynamo=True, input_names=[INPUT_NAME],
                                               output_names=list(OUTPUT_NAMES), verbose=False, optimize=True)
     except Exception as exc:  # the ONNX translation names the operator it cannot convert
@@ -368,8 +378,10 @@ def write_openvino(path: Path, onnx_path: Path, metadata: dict, precision: str,
         ignored = None
         if int8_scope:
             keep = _nodes_in_scopes(onnx_path, int8_scope)
-            # OpenVINO keeps ONNX node names; an operation we cannot match stays float (the safe side).
-            names = [op.get_friendly_name() for op in model.get_ordered_ops() if op.get_friendly_name() not in keep]
+            # OpenVINO keeps ONNX node names, suffixed when it splits a node ('node_Conv_7/WithoutBiases');
+            # an operation we cannot match stays float (the safe side).
+            names = [op.get_friendly_name() for op in model.get_ordered_ops()
+                     if op.get_friendly_name().split("/")[0] not in keep]
             ignored = nncf.IgnoredScope(names=names, validate=False)
         level = nncf.nncf_logger.level
         nncf.set_log_level(logging.ERROR)  # NNCF logs one INFO line per operation it skips
@@ -480,13 +492,13 @@ def export(run: str | Path, fmt: str = "onnx", precision: str = "fp32", out: str
                 metadata["calibration"] = {"images": len(images),
                                            "source": str(calibration) if calibration else "training split"}
             batches = None if images is None else [_batch_of(images, i, fixed_batch) for i in range(len(images))]
+            scope = int8_scopes(model) if precision == "int8" else []
+            if precision == "int8":
+                metadata["int8_scope"] = scope or ["everything"]
             with tempfile.TemporaryDirectory(prefix="anomalens-export-") as tmp:
-                onnx_path = Path(onnx) if program is None else write_onnx(Path(tmp) / "model.onnx", program, metadata,
-                                                                          model)
-                scope = int8_scopes(model) if precision == "int8" else []
-                if precision == "int8":
-                    metadata["int8_scope"] = scope or ["everything"]
-                write_openvino(target, onnx_path, metadata, precision, batches, scope)
+                # OpenVINO converts from ONNX: the given export, or one written just for this.
+                source = Path(onnx) if program is None else write_onnx(Path(tmp) / "model.onnx", program, metadata, model)
+                write_openvino(target, source, metadata, precision, batches, scope)
 
     result = ExportResult(target, metadata)
     if evaluate if evaluate is not None else precision != "fp32":

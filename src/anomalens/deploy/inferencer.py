@@ -50,17 +50,20 @@ class OnnxRuntime:
 
     name = "onnx"
 
-    def __init__(self, path: Path, device: str = "cpu"):
+    def __init__(self, path: Path, device: str = "cpu", threads: int | None = None):
         try:
             import onnxruntime as ort
         except ImportError:
             raise missing_dependency("onnxruntime", "export") from None
+        options = ort.SessionOptions()
+        if threads is not None:
+            options.intra_op_num_threads = threads
         providers = ["CPUExecutionProvider"]
         if device == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise ConfigError("ONNX Runtime has no CUDA provider here; use --device cpu or install onnxruntime-gpu.")
             providers.insert(0, "CUDAExecutionProvider")
-        self.session = ort.InferenceSession(str(path), providers=providers)
+        self.session = ort.InferenceSession(str(path), options, providers=providers)
         self.input_name = self.session.get_inputs()[0].name
 
     def __call__(self, images: torch.Tensor) -> Sequence[Any]:
@@ -77,14 +80,18 @@ class OpenVinoRuntime:
 
     name = "openvino"
 
-    def __init__(self, path: Path, inference_precision: str = "f32", device: str = "cpu"):
+    def __init__(self, path: Path, inference_precision: str = "f32", device: str = "cpu",
+                 threads: int | None = None):
         from .export import _import
 
         if device != "cpu":
             raise ConfigError("The openvino runtime runs on the CPU here; use --device cpu (or auto).")
         ov = _import("openvino")
         core = ov.Core()
-        self.compiled = core.compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": inference_precision})
+        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": inference_precision}
+        if threads is not None:
+            config["INFERENCE_NUM_THREADS"] = threads
+        self.compiled = core.compile_model(str(path), "CPU", config)
         self._local = threading.local()
 
     def __call__(self, images: torch.Tensor) -> Sequence[Any]:
@@ -143,17 +150,21 @@ class Inferencer:
     device: torch.device
 
     @classmethod
-    def load(cls, artifact_or_run: str | Path, device: str = "auto", runtime: str | None = None) -> Inferencer:
+    def load(cls, artifact_or_run: str | Path, device: str = "auto", runtime: str | None = None,
+             threads: int | None = None) -> Inferencer:
         """Load a run folder, checkpoint or exported artifact; runtime None picks the artifact's own.
 
         With a run folder and runtime 'onnx' / 'openvino', the run's FP32 export (see
-        `anomalens export`) is used.
+        `anomalens export`) is used.  `threads` caps the CPU threads of ONNX Runtime and OpenVINO;
+        for torch it sets torch's (process-wide) thread count.
         """
         from ..engine import load_checkpoint, resolve_device
 
         chosen, path = _locate(Path(artifact_or_run), runtime)
         dev = resolve_device(device)
         if chosen == "torch":
+            if threads is not None:
+                torch.set_num_threads(threads)
             config, model, post = load_checkpoint(path, dev)
             payload = torch.load(path, map_location="cpu", weights_only=True)
             metadata = payload.get("metadata") or build_metadata(config, post, "torch", "fp32", None, path.parent)
@@ -162,8 +173,8 @@ class Inferencer:
             if dev.type != "cpu" and chosen == "openvino":
                 dev = torch.device("cpu")  # OpenVINO's GPU plugin is for Intel GPUs: run on the CPU
             metadata = read_metadata(path)
-            engine = (OnnxRuntime(path, dev.type) if chosen == "onnx"
-                      else OpenVinoRuntime(path, metadata.get("inference_precision", "f32")))
+            engine = (OnnxRuntime(path, dev.type, threads) if chosen == "onnx"
+                      else OpenVinoRuntime(path, metadata.get("inference_precision", "f32"), threads=threads))
         metadata = {**metadata, "runtime": chosen, "path": str(path)}
         return cls(engine, metadata, dev)
 

@@ -107,10 +107,10 @@ def cmd_runs_compare(args: argparse.Namespace, overrides: dict[str, Any]) -> int
 
 # --------------------------------------------------------------------------- ui
 def ui_command(root: Path, host: str, port: int) -> list[str]:
-    """The `mlflow ui` command line that serves the local store of `root`."""
+    """The `mlflow server` command line (UI + REST API) that serves the local store of `root`."""
     from .mlflow import ARTIFACTS_NAME, default_store
 
-    return [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", default_store(root),
+    return [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", default_store(root),
             "--default-artifact-root", (root.resolve() / ARTIFACTS_NAME).as_uri(),
             "--host", host, "--port", str(port), "--workers", "1"]
 

@@ -7,3 +7,6 @@ from . import dfm  # noqa: F401
 from . import efficient_ad  # noqa: F401
 from . import dfkde  # noqa: F401
 from . import draem  # noqa: F401
+from . import fastflow  # noqa: F401
+from . import cflow  # noqa: F401
+from . import autoencoder  # noqa: F401

@@ -15,9 +15,11 @@ what defects look like.  At test time the anomaly map is the U-Net's softmax pro
 "anomalous", smoothed; the image score is the maximum of the map averaged over 21 x 21 windows.
 
 Training recipe (paper): Adam, lr 1e-4, 700 epochs, batch 8, lr x 0.2 at 80 % and 90 % of the
-epochs; widths 128 (reconstructive) and 64 (discriminative).  CPU default here: width 8 (16 for
-the reconstructive network), 20 epochs with lr 1e-3, lr x 0.2 at epochs 16 and 18.  On a GPU set
-width: 64, trainer.max_epochs: 700, trainer.optimizer.lr: 0.0001 and milestones [560, 630].
+epochs; widths 128 (reconstructive) and 64 (discriminative); whole 256 px images.  CPU default
+here: width 8 (16 for the reconstructive network), random 128 px training crops (both networks are
+fully convolutional; inference sees the whole image), 20 epochs with lr 1e-3, lr x 0.2 at epochs 16
+and 18.  On a GPU set width: 64, train_crop: 0, trainer.max_epochs: 700,
+trainer.optimizer.lr: 0.0001 and milestones [560, 630].
 
 Deviations from the paper:
 - Anomaly source: the photographs bundled with scikit-image (brick, grass and gravel textures plus
@@ -28,14 +30,20 @@ Deviations from the paper:
   offset, channel swap, solarize, posterize, invert, rotation) instead of imgaug's list; the Perlin
   lattice is isotropic with a random stretch instead of rotated anisotropic noise.
 - The pixel map is Gaussian-smoothed (`blur_sigma`; 0 gives the paper's raw map).
+- After training (and before each validation) the BatchNorm statistics of both networks are
+  re-estimated on up to 32 good training images with the final weights ("precise BN"): short CPU
+  runs otherwise leave running statistics that lag the weights.
 """
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..components.batchnorm import recalibrate_batchnorm
 from ..components.blur import gaussian_blur
 from ..components.losses import focal_loss
 from ..components.ssim import ssim_loss
@@ -46,6 +54,7 @@ from ..registry import register_model
 from .base import AnomalyModel, AnomalyOutput
 
 SCORE_WINDOW = 21  # the paper's averaging window for the image score
+RECALIBRATION_IMAGES = 32  # good images used to re-estimate the BatchNorm statistics after training
 
 
 # --------------------------------------------------------------------------- networks
@@ -113,6 +122,16 @@ class DiscriminativeNet(nn.Module):
         return self.out(x)
 
 
+def _random_crops(images: torch.Tensor, side: int, rng: np.random.Generator) -> torch.Tensor:
+    """One random side x side crop per image (all of it when side is 0 or not smaller)."""
+    h, w = images.shape[-2:]
+    if side == 0 or (side >= h and side >= w):
+        return images
+    ch, cw = min(side, h), min(side, w)
+    ys, xs = rng.integers(0, h - ch + 1, len(images)), rng.integers(0, w - cw + 1, len(images))
+    return torch.stack([img[:, y:y + ch, x:x + cw] for img, y, x in zip(images, ys, xs, strict=True)])
+
+
 # --------------------------------------------------------------------------- model
 @register_model
 class DRAEM(AnomalyModel):
@@ -123,14 +142,16 @@ class DRAEM(AnomalyModel):
     constraints = {
         "width": Interval(int, 1, 256),
         "p_anomaly": Interval(float, 0, 1, "right"),
+        "train_crop": Interval(int, 0, None),
         "blur_sigma": Interval(float, 0, None),
     }
     defaults = {
         "width": 8,  # discriminative base width; the reconstructive network gets 2x (paper: 64 / 128)
         "p_anomaly": 0.5,  # share of training images given a synthetic anomaly (paper: 0.5)
+        "train_crop": 128,  # train on random crops of this side (0 = whole images, as in the paper)
         "blur_sigma": 2.0,
     }
-    tags = {"trainable": True, "test_params": {"width": 2}, "test_training": {"max_epochs": 1, "max_steps": 2}}
+    tags = {"trainable": True, "test_params": {"width": 8}, "test_training": {"max_epochs": 1, "max_steps": 2}}
     training_defaults = {
         "max_epochs": 20,
         "optimizer": {"name": "adam", "lr": 1e-3},
@@ -142,22 +163,47 @@ class DRAEM(AnomalyModel):
         width = self.hparams["width"]
         self.reconstructive = ReconstructiveNet(2 * width)
         self.discriminative = DiscriminativeNet(width)
-        self.register_buffer("fitted", torch.tensor(False))
+        # Empty until trained; checked by shape (not value) so that forward stays exportable.
+        self.register_buffer("trained", torch.empty(0))
+
+    @property
+    def fitted(self) -> bool:
+        return self.trained.numel() > 0
+
+    def _mark_trained(self) -> None:
+        if not self.fitted:
+            self.trained = torch.ones(1, device=self.trained.device)
 
     def training_step(self, batch: Batch) -> dict[str, torch.Tensor]:
         # The numpy generator is seeded from torch's, so seeded runs are reproducible.
         rng = np.random.default_rng(int(torch.randint(2**31 - 1, (1,))))
-        corrupted, mask = perlin_anomalies(batch.image, rng, natural_photos(), self.hparams["p_anomaly"])
+        images = _random_crops(batch.image, self.hparams["train_crop"], rng)
+        corrupted, mask = perlin_anomalies(images, rng, natural_photos(), self.hparams["p_anomaly"])
         reconstruction = self.reconstructive(corrupted)
         logits = self.discriminative(torch.cat([corrupted, reconstruction], dim=1))
-        l2 = F.mse_loss(reconstruction, batch.image)
-        ssim = ssim_loss(reconstruction, batch.image)
+        l2 = F.mse_loss(reconstruction, images)
+        ssim = ssim_loss(reconstruction, images)
         focal = focal_loss(logits, mask)
-        self.fitted.fill_(True)
+        self._mark_trained()
         return {"loss": l2 + ssim + focal, "l2": l2, "ssim": ssim, "focal": focal}
 
+    @torch.no_grad()
+    def prepare_inference(self, batches: Iterable[Batch]) -> None:
+        """Precise BatchNorm statistics of both networks on good images (components/batchnorm.py)."""
+        images, count = [], 0
+        for batch in batches:
+            images.append(batch.image[: RECALIBRATION_IMAGES - count])
+            count += len(images[-1])
+            if count >= RECALIBRATION_IMAGES:
+                break
+        was_training = self.training
+        recalibrate_batchnorm(self.reconstructive, images)
+        recalibrate_batchnorm(self.discriminative, images,
+                              lambda x: self.discriminative(torch.cat([x, self.reconstructive(x)], dim=1)))
+        self.train(was_training)
+
     def forward(self, images: torch.Tensor) -> AnomalyOutput:
-        if not bool(self.fitted):
+        if not self.fitted:
             raise AnomalensError("DRAEM is not fitted; call fit() first.")
         reconstruction = self.reconstructive(images)
         probability = self.discriminative(torch.cat([images, reconstruction], dim=1)).softmax(dim=1)[:, 1:]

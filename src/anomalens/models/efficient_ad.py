@@ -62,6 +62,7 @@ AE_CODE = 64  # the autoencoder's bottleneck size (paper: 64)
 AE_SIZES = (3, 8, 15, 32, 63, 127)  # the paper's decoder upsampling sizes for a 56 x 56 output
 DISTILL_LR = 1e-3  # Adam, for the short CPU distillation (the paper: 1e-4 over 60 000 steps)
 MAX_DISTILL_IMAGES = 256  # training images kept in memory for distillation
+EDGE_CELLS = 4  # output cells whose 33 px receptive field reaches past a crop edge
 
 
 # --------------------------------------------------------------------------- networks
@@ -84,7 +85,7 @@ def pdn(variant: str, out_channels: int, width: float) -> nn.Sequential:
                          _conv(out_channels, out_channels, 1))
 
 
-class AutoEncoder(nn.Module):
+class EfficientAutoEncoder(nn.Module):
     """Paper Table 7: six strided convs to a 1 x 1 code, eight upsample + conv stages back to the grid."""
 
     def __init__(self, out_channels: int, width: float):
@@ -129,6 +130,11 @@ def _target_channels(backbone: str, layers: tuple[str, ...]) -> int:
     return sum(Backbone(backbone, layers, "none").channels)
 
 
+def _crop(image: torch.Tensor, size: tuple[int, int], rng: np.random.Generator) -> torch.Tensor:
+    y, x = int(rng.integers(image.shape[-2] - size[0] + 1)), int(rng.integers(image.shape[-1] - size[1] + 1))
+    return image[..., y:y + size[0], x:x + size[1]]
+
+
 def _quantile(values: torch.Tensor, q: float) -> float:
     return float(np.quantile(values.detach().double().cpu().numpy(), q))
 
@@ -148,16 +154,18 @@ class EfficientAD(AnomalyModel):
         "weights": STR,
         "distill_steps": Interval(int, 1, None),
         "distill_batch": Interval(int, 1, None),
+        "train_crop": Interval(int, 0, None),
         "blur_sigma": Interval(float, 0, None),
     }
     defaults = {
         "variant": "small",  # small = EfficientAD-S, medium = EfficientAD-M
-        "width": 0.5,  # PDN / AE hidden width multiplier (paper: 1.0)
+        "width": 0.25,  # PDN / AE hidden width multiplier (paper: 1.0)
         "backbone": "tf_efficientnet_lite0",  # the network the teacher PDN is distilled from
         "layers": ["blocks.2", "blocks.4"],
         "weights": "imagenet",
         "distill_steps": 300,  # teacher distillation steps in fit (paper: 60 000 on ImageNet)
         "distill_batch": 8,
+        "train_crop": 128,  # student and teacher train on random crops of this side (0 = whole images)
         "blur_sigma": 4.0,
     }
     tags = {"trainable": True, "test_params": {"width": 0.125, "distill_steps": 2, "distill_batch": 2},
@@ -174,15 +182,19 @@ class EfficientAD(AnomalyModel):
         self.channels = channels = _target_channels(hp["backbone"], tuple(hp["layers"]))
         self.teacher = pdn(hp["variant"], channels, hp["width"]).requires_grad_(False)
         self.student = pdn(hp["variant"], 2 * channels, hp["width"])
-        self.autoencoder = AutoEncoder(channels, hp["width"])
+        self.autoencoder = EfficientAutoEncoder(channels, hp["width"])
         self.register_buffer("teacher_mean", torch.zeros(1, channels, 1, 1))
         self.register_buffer("teacher_std", torch.ones(1, channels, 1, 1))
         self.register_buffer("teacher_ready", torch.tensor(False))
-        # Map normalisation (q_a, q_b) for the student-teacher and the autoencoder maps.
-        self.register_buffer("st_quantiles", torch.zeros(2))
-        self.register_buffer("ae_quantiles", torch.zeros(2))
-        self.register_buffer("fitted", torch.tensor(False))
+        # Map normalisation (q_a, q_b) for the student-teacher and the autoencoder maps; empty until
+        # `prepare_inference`, and "fitted" is read from their shape so that forward stays exportable.
+        self.register_buffer("st_quantiles", torch.empty(0))
+        self.register_buffer("ae_quantiles", torch.empty(0))
         self._penalty: torch.Tensor | None = None  # foreign images, training only (not in the checkpoint)
+
+    @property
+    def fitted(self) -> bool:
+        return self.st_quantiles.numel() > 0
 
     def train(self, mode: bool = True) -> EfficientAD:
         super().train(mode)
@@ -194,21 +206,25 @@ class EfficientAD(AnomalyModel):
         # Drawn from torch's generator, so a seeded run is reproducible end to end.
         return np.random.default_rng(int(torch.randint(2**31 - 1, (1,))))
 
+    def _crop_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        side = self.hparams["train_crop"]
+        return size if side == 0 else (min(side, size[0]), min(side, size[1]))
+
     def _distill_teacher(self, images: torch.Tensor) -> None:
-        """Fit the teacher PDN to standardised backbone features on training crops and natural photos."""
+        """Fit the teacher PDN to standardised backbone features of training crops and natural photos."""
         from ..backbones import Backbone
 
         hp, device = self.hparams, self.teacher_mean.device
         extractor = Backbone(hp["backbone"], hp["layers"], hp["weights"]).to(device)
-        size = tuple(images.shape[-2:])
+        crop = self._crop_size(tuple(images.shape[-2:]))
         photos, rng = natural_photos(), self._rng()
 
         def draw(n: int) -> torch.Tensor:
-            # Half training images (random flips), half natural photos: the teacher must describe both.
+            # Half training-image crops (random flips), half natural photos: the teacher must describe both.
             k = n // 2
-            own = images[torch.from_numpy(rng.integers(len(images), size=n - k))].to(device)
+            own = torch.stack([_crop(images[i], crop, rng) for i in rng.integers(len(images), size=n - k)]).to(device)
             own = torch.where(torch.from_numpy(rng.random((len(own), 1, 1, 1)) < 0.5).to(device), own.flip(-1), own)
-            return torch.cat([own, random_crops(photos, k, size, rng).to(device)]) if k else own
+            return torch.cat([own, random_crops(photos, k, crop, rng).to(device)]) if k else own
 
         @torch.no_grad()
         def target(x: torch.Tensor) -> torch.Tensor:
@@ -220,7 +236,7 @@ class EfficientAD(AnomalyModel):
         # Per-channel statistics of the targets, so every channel counts alike in the MSE.
         sample = torch.cat([target(draw(hp["distill_batch"])) for _ in range(4)])
         mean, std = sample.mean(dim=(0, 2, 3), keepdim=True), sample.std(dim=(0, 2, 3), keepdim=True) + 1e-6
-        self.teacher.requires_grad_(True).train()
+        self.teacher.requires_grad_(True)
         optimizer = torch.optim.Adam(self.teacher.parameters(), lr=DISTILL_LR, weight_decay=1e-5)
         with torch.enable_grad(), bar("EfficientAD: distilling the teacher", total=hp["distill_steps"]) as progress:
             for _ in range(hp["distill_steps"]):
@@ -231,7 +247,7 @@ class EfficientAD(AnomalyModel):
                 optimizer.step()
                 progress.advance()
                 progress.show(distill_loss=float(loss.detach()))
-        self.teacher.requires_grad_(False).eval()
+        self.teacher.requires_grad_(False)
         self.teacher_ready.fill_(True)
 
     @torch.no_grad()
@@ -256,7 +272,7 @@ class EfficientAD(AnomalyModel):
         std = (total_sq / count - mean.pow(2)).clamp_min(0).sqrt()
         self.teacher_mean.copy_(mean.view(1, -1, 1, 1).float())
         self.teacher_std.copy_(std.view(1, -1, 1, 1).float() + 1e-6)
-        self._penalty = random_crops(natural_photos(), 16, size, self._rng()).to(device)
+        self._penalty = random_crops(natural_photos(), 16, self._crop_size(size), self._rng()).to(device)
 
     # -- training -----------------------------------------------------------------------------
     def _teacher(self, images: torch.Tensor) -> torch.Tensor:
@@ -265,23 +281,37 @@ class EfficientAD(AnomalyModel):
 
     def training_step(self, batch: Batch) -> dict[str, torch.Tensor]:
         images, c, rng = batch.image, self.channels, self._rng()
-        teacher = self._teacher(images)
-        student = self.student(images)[:, :c]
-        errors = (teacher - student).pow(2)
+        size = tuple(images.shape[-2:])
+        crop = self._crop_size(size)
+        # One crop window per step, on the stride-4 grid so it maps onto whole output cells.
+        y, x = (4 * int(rng.integers((n - k) // 4 + 1)) for n, k in zip(size, crop, strict=True))
+        window = (slice(y, y + crop[0]), slice(x, x + crop[1]))
+        cells = (slice(y // 4, (y + crop[0]) // 4), slice(x // 4, (x + crop[1]) // 4))
+
+        # Student-teacher branch: hard-feature loss (only errors above their 0.999 quantile count).
+        errors = (self._teacher(images[..., window[0], window[1]])
+                  - self.student(images[..., window[0], window[1]])[:, :c]).pow(2)
         flat = errors.flatten()
         # kthvalue, not torch.quantile: the latter refuses more than 2^24 elements.
         d_hard = flat.kthvalue(max(1, int(HARD_QUANTILE * flat.numel()))).values
         hard = errors[errors >= d_hard].mean()
-        if self._penalty is None:  # e.g. a validation pass after loading: draw the foreign images now
-            self._penalty = random_crops(natural_photos(), 16, tuple(images.shape[-2:]), rng).to(images.device)
+        if self._penalty is None or tuple(self._penalty.shape[-2:]) != crop:  # e.g. validation after loading
+            self._penalty = random_crops(natural_photos(), 16, crop, rng).to(images.device)
         pick = torch.from_numpy(rng.integers(len(self._penalty), size=min(len(images), 4))).to(images.device)
         penalty = self.student(self._penalty[pick])[:, :c].pow(2).mean()
+
+        # Autoencoder branch on colour-augmented images: the AE sees the whole image (it must model
+        # the global layout), the student only the crop.
         augmented = _colour_jitter(images, rng)
         target = self._teacher(augmented)
         reconstruction = self.autoencoder(augmented, tuple(target.shape[-2:]))
         loss_ae = (target - reconstruction).pow(2).mean()
-        loss_stae = (reconstruction - self.student(augmented)[:, c:]).pow(2).mean()
-        self.fitted.fill_(True)
+        student_ae = self.student(augmented[..., window[0], window[1]])[:, c:]
+        # Cells within the PDN's reach of a crop edge see zero padding instead of image: skip them.
+        m = EDGE_CELLS if crop != size else 0
+        inner = (slice(m, student_ae.shape[-2] - m), slice(m, student_ae.shape[-1] - m))
+        loss_stae = (reconstruction[..., cells[0], cells[1]][..., inner[0], inner[1]]
+                     - student_ae[..., inner[0], inner[1]]).pow(2).mean()
         return {"loss": hard + penalty + loss_ae + loss_stae, "hard": hard, "penalty": penalty, "ae": loss_ae,
                 "stae": loss_stae}
 
@@ -301,12 +331,13 @@ class EfficientAD(AnomalyModel):
         self.eval()
         st, ae = zip(*[self._maps(b.image) for b in batches], strict=True)
         st, ae = torch.cat(st), torch.cat(ae)
-        self.st_quantiles.copy_(torch.tensor([_quantile(st, q) for q in MAP_QUANTILES]))
-        self.ae_quantiles.copy_(torch.tensor([_quantile(ae, q) for q in MAP_QUANTILES]))
+        device = self.teacher_mean.device
+        self.st_quantiles = torch.tensor([_quantile(st, q) for q in MAP_QUANTILES], device=device)
+        self.ae_quantiles = torch.tensor([_quantile(ae, q) for q in MAP_QUANTILES], device=device)
         self.train(was_training)
 
     def forward(self, images: torch.Tensor) -> AnomalyOutput:
-        if not bool(self.fitted):
+        if not self.fitted:
             raise AnomalensError("EfficientAD is not fitted; call fit() first.")
         st, ae = self._maps(images)
         # (q_b - q_a) is clamped: a perfectly flat map (degenerate training) must not divide by 0.

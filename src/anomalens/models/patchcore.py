@@ -18,10 +18,13 @@ Deviations from the paper:
   of WideResNet50 layers 2 + 3, because its ImageNet weights ship offline.  Any timm backbone and
   layers can be set.  Features are not pooled to a fixed dimension (the paper's 1024): at 152 dims
   that would only add size.
-- Coreset selection is exact but batched (components/coreset.py): the same centres as the textbook
-  loop, ~100x faster than anomalib's.  Nearest neighbours are exact, computed in bounded chunks.
 - With num_neighbors = 1 (or a one-feature bank) eq. 7 would give 0 for every image; the score is
   then s* itself.
+
+Implementation: the coreset is the exact greedy result computed in batches of matrix products
+(components/coreset.py, ~150x faster than anomalib's loop); nearest neighbours are exact and
+computed in bounded chunks (components/knn.py), so peak memory grows with the training patches
+and the bank, never with their product.
 """
 from __future__ import annotations
 

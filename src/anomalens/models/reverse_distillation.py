@@ -169,7 +169,8 @@ class ReverseDistillation(AnomalyModel):
                               f"{strides}.")
         self.bottleneck = OneClassBottleneck(channels, strides, hp["bottleneck_blocks"])
         self.decoder = Decoder(self.bottleneck.out_channels, channels, strides, hp["decoder_blocks"])
-        self.register_buffer("fitted", torch.tensor(False))
+        # Empty until trained; checked by shape (not value) so that forward stays exportable.
+        self.register_buffer("trained", torch.empty(0))
 
     def _distances(self, images: torch.Tensor) -> list[torch.Tensor]:
         with torch.no_grad():  # the teacher is frozen; no graph through it
@@ -177,13 +178,21 @@ class ReverseDistillation(AnomalyModel):
         decoded = self.decoder(self.bottleneck(encoded), [e.shape[-2:] for e in encoded])
         return cosine_distance_maps(encoded, decoded)
 
+    @property
+    def fitted(self) -> bool:
+        return self.trained.numel() > 0
+
+    def _mark_trained(self) -> None:
+        if not self.fitted:
+            self.trained = torch.ones(1, device=self.trained.device)
+
     def training_step(self, batch: Batch) -> dict[str, torch.Tensor]:
         loss = sum(d.mean() for d in self._distances(batch.image))
-        self.fitted.fill_(True)
+        self._mark_trained()
         return {"loss": loss}
 
     def forward(self, images: torch.Tensor) -> AnomalyOutput:
-        if not bool(self.fitted):
+        if not self.fitted:
             raise AnomalensError("ReverseDistillation is not fitted; call fit() first.")
         size = tuple(images.shape[-2:])
         maps = [F.interpolate(d, size=size, mode="bilinear", align_corners=False) for d in self._distances(images)]
