@@ -1,7 +1,7 @@
 """CPU speed and accuracy of every runtime and precision, side by side with torch in one run.
 
 For each model (PatchCore, PaDiM by default) a run is trained on one demo category (or taken from
---run), exported to ONNX and to OpenVINO FP32 / FP16 / INT8, and every artifact is measured on
+--run), exported to ONNX and to OpenVINO FP32 / FP16 / BF16 / INT8, and every artifact is measured on
 the run's test split exactly like `anomalens validate` does: batch-1 latency (P50), throughput
 at batch N (images/s), image AUROC, and FP32 parity with torch.  Speeds are reported as ratios
 to torch measured in the same process, minutes apart.
@@ -27,7 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-VARIANTS = [("torch", "fp32"), ("onnx", "fp32"), ("openvino", "fp32"), ("openvino", "fp16"), ("openvino", "int8")]
+VARIANTS = [("torch", "fp32"), ("onnx", "fp32"), ("openvino", "fp32"), ("openvino", "fp16"), ("openvino", "bf16"),
+            ("openvino", "int8")]
 
 
 def train(model: str, category: str, image_size: int, root: str | None, project: str) -> Path:
@@ -57,7 +58,7 @@ def measure(run: Path, batch_size: int, repeats: int, max_seconds: float, thread
     onnx_path = export(run, "onnx").path
     export_s = {"onnx": time.perf_counter() - t0}
     artifacts[("onnx", "fp32")] = onnx_path
-    for precision in ("fp32", "fp16", "int8"):
+    for precision in ("fp32", "fp16", "bf16", "int8"):
         t0 = time.perf_counter()
         artifacts[("openvino", precision)] = export(run, "openvino", precision, onnx=onnx_path, evaluate=False).path
         export_s[f"openvino_{precision}"] = time.perf_counter() - t0

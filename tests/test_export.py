@@ -172,7 +172,10 @@ def test_int8_and_fp16_report_their_auroc_against_the_run(exported):
     scores = _outputs(result.path, images).score.numpy()
     assert ev["auroc"] == pytest.approx(auroc(np.array([r.label for r in records]), scores))
 
+    bf16 = export(run, "openvino", "bf16", onnx=onnx_path, evaluate=False).path
+    assert read_metadata(bf16)["inference_precision"] == "bf16"  # the compute precision the runtime sets
     fp16 = export(run, "openvino", "fp16", onnx=onnx_path, evaluate=False).path
+    assert read_metadata(fp16)["inference_precision"] == "f32"
     fp32_bytes, fp16_bytes = xml_path.with_suffix(".bin").stat().st_size, fp16.with_suffix(".bin").stat().st_size
     assert 0.4 < fp16_bytes / fp32_bytes < 0.6  # weights stored in half precision
 
@@ -197,7 +200,7 @@ def test_export_opens_no_outside_connection(exported, monkeypatch):
 
 @pytest.mark.parametrize("fmt, precision, message", [
     ("onnx", "int8", "Precision 'int8' is not available for the onnx format (it exports fp32); use --format openvino "
-                     "for fp16 or int8."),
+                     "for fp16, bf16 or int8."),
     ("tflite", "fp32", "The 'format' parameter of export must be one of 'torch', 'onnx', 'openvino'. Got 'tflite' "
                        "instead."),
 ])

@@ -53,3 +53,23 @@ def test_training_patches_normalise_to_at_most_one_and_the_likeliest_to_zero_ano
     expected_map = F.interpolate(expected_grid.unsqueeze(1), size=(32, 32), mode="bilinear", align_corners=False)
     torch.testing.assert_close(out.anomaly_map, expected_map, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out.score, expected_map.amax(dim=(1, 2, 3)))
+
+
+def test_each_training_batch_becomes_one_optimiser_step_per_fiber_batch_covering_every_vector():
+    torch.manual_seed(0)
+    model = create_model("cflow", weights="none", layers=["blocks.2", "blocks.4"], condition_dim=8, fiber_batch=5)
+    images = torch.rand(2, 3, 32, 32)
+    batch = Batch(images, torch.zeros(2), torch.zeros(2, 1, 32, 32), torch.zeros(2, dtype=torch.bool))
+    seen = []
+    step = model.training_step
+    model.training_step = lambda unit: (seen.append(unit), step(unit))[1]  # the Trainer calls the instance's
+    model.fit([batch], max_epochs=1)
+    # blocks.2: 2 images x 4 x 4 = 32 vectors -> 7 steps of <= 5; blocks.4: 2 x 2 x 2 = 8 -> 2 steps.
+    assert [u.level for u in seen] == [0] * 7 + [1] * 2
+    assert [len(u.vectors) for u in seen] == [5] * 6 + [2] + [5, 3]
+    with torch.no_grad():
+        x, cond = model._vectors(model._features(images)[0])
+    got = torch.cat([torch.cat([u.vectors, u.conditions], 1) for u in seen if u.level == 0])
+    want = torch.cat([x, cond], 1)
+    # Every vector exactly once, with its own position's condition (compare as sorted rows).
+    torch.testing.assert_close(got[torch.argsort(got[:, 0])], want[torch.argsort(want[:, 0])])

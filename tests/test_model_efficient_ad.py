@@ -57,7 +57,7 @@ def test_normalised_maps_put_q_a_at_0_and_q_b_at_0_1_on_the_training_images(trai
         norm = 0.1 * (raw - q_a) / (q_b - q_a)
         assert np.quantile(norm, 0.9) == pytest.approx(0.0, abs=1e-6)
         assert np.quantile(norm, 0.995) == pytest.approx(0.1, abs=1e-6)
-    # forward combines both maps: with no smoothing and a map already at stride 4, check one cell
+    # forward averages both normalised maps and upsamples them bilinearly (no smoothing here)
     model.hparams["blur_sigma"] = 0.0
     try:
         with torch.no_grad():
@@ -66,4 +66,6 @@ def test_normalised_maps_put_q_a_at_0_and_q_b_at_0_1_on_the_training_images(trai
         model.hparams["blur_sigma"] = 4.0
     (q_a, q_b), (r_a, r_b) = model.st_quantiles.tolist(), model.ae_quantiles.tolist()
     expected = 0.5 * 0.1 * (st[:3] - q_a) / (q_b - q_a) + 0.5 * 0.1 * (ae[:3] - r_a) / (r_b - r_a)
-    assert float(out.score[0]) == pytest.approx(float(expected[0].max()), rel=1e-4, abs=1e-6)
+    expected = torch.nn.functional.interpolate(torch.from_numpy(expected), size=(64, 64), mode="bilinear")
+    torch.testing.assert_close(out.anomaly_map, expected, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(out.score, expected.amax((1, 2, 3)), rtol=1e-4, atol=1e-6)

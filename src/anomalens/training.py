@@ -150,7 +150,8 @@ class Trainer:
                 model.train()
                 losses: dict[str, float] = {}
                 n = 0
-                for batch in batches:
+                # A model may split a batch into several optimiser steps (CFlow: patch-vector batches).
+                for batch in (unit for images in batches for unit in model.training_units(images)):
                     with torch.autocast(self.device.type, dtype=amp_dtype or torch.float32,
                                         enabled=amp_dtype is not None):
                         out = model.training_step(batch)

@@ -49,6 +49,9 @@ def cmd_export(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
         ev = result.evaluation
         console.print(f"Image AUROC on the test split ({ev['n_test']} images): {ev['auroc']:.4f} "
                       f"vs {ev['reference_auroc']:.4f} for the run (drop {ev['auroc_drop']:+.4f}).")
+        if ev["auroc_drop"] > 0.01:
+            console.print(f"[bold yellow]{args.precision} costs more than 0.01 AUROC on this run; "
+                          "prefer fp32, fp16 or bf16.[/bold yellow]")
     else:
         console.print(f"Check it against the run: anomalens validate {result.path} --run {Path(args.run)}")
     return 0
@@ -120,7 +123,7 @@ def add_commands(subparsers: Any) -> None:
                                           "model and post-processing (normalisation, thresholds), plus metadata.")
     p.add_argument("--run", required=True, help="run folder or checkpoint file")
     p.add_argument("--format", required=True, choices=FORMATS)
-    p.add_argument("--precision", default="fp32", choices=PRECISIONS, help="fp16 and int8: openvino only")
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS, help="fp16, bf16, int8: openvino only")
     p.add_argument("--out", help="output file or folder (default: RUN/export/...)")
     p.add_argument("--batch-size", type=_positive, default=None,
                    help="fix the graph's batch size (default: any batch when the model allows it, else 1)")

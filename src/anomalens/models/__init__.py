@@ -10,3 +10,4 @@ from . import draem  # noqa: F401
 from . import fastflow  # noqa: F401
 from . import cflow  # noqa: F401
 from . import autoencoder  # noqa: F401
+from . import ganomaly  # noqa: F401

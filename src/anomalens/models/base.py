@@ -75,6 +75,14 @@ class AnomalyModel(nn.Module):
         """Trained models: one optimisation step's losses; the key 'loss' is minimised."""
         raise NotImplementedError
 
+    def training_units(self, batch: Batch) -> Iterable[Any]:
+        """Trained models: what one batch is split into, one `training_step` and optimiser step each.
+
+        Default: the batch itself.  CFlow computes the frozen encoder's features once and yields
+        several random patch-vector batches, as in its paper.
+        """
+        return (batch,)
+
     def on_train_start(self, batches: Iterable[Batch]) -> None:
         """Trained models: called once before the first epoch (e.g. feature statistics)."""
 

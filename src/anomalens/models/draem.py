@@ -31,7 +31,7 @@ Deviations from the paper:
   lattice is isotropic with a random stretch instead of rotated anisotropic noise.
 - The pixel map is Gaussian-smoothed (`blur_sigma`; 0 gives the paper's raw map).
 - After training (and before each validation) the BatchNorm statistics of both networks are
-  re-estimated on up to 32 good training images with the final weights ("precise BN"): short CPU
+  re-estimated on up to 16 good training images with the final weights ("precise BN"): short CPU
   runs otherwise leave running statistics that lag the weights.
 """
 from __future__ import annotations
@@ -54,7 +54,7 @@ from ..registry import register_model
 from .base import AnomalyModel, AnomalyOutput
 
 SCORE_WINDOW = 21  # the paper's averaging window for the image score
-RECALIBRATION_IMAGES = 32  # good images used to re-estimate the BatchNorm statistics after training
+RECALIBRATION_IMAGES = 16  # good images used to re-estimate the BatchNorm statistics after training
 
 
 # --------------------------------------------------------------------------- networks

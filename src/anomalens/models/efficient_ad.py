@@ -56,7 +56,6 @@ from ..progress import bar
 from ..registry import register_model
 from .base import AnomalyModel, AnomalyOutput
 
-HARD_QUANTILE = 0.999  # only the hardest 0.1 % of the student's errors are trained on
 MAP_QUANTILES = (0.9, 0.995)  # q_a -> 0 and q_b -> 0.1 in the normalised maps
 AE_CODE = 64  # the autoencoder's bottleneck size (paper: 64)
 AE_SIZES = (3, 8, 15, 32, 63, 127)  # the paper's decoder upsampling sizes for a 56 x 56 output
@@ -155,6 +154,7 @@ class EfficientAD(AnomalyModel):
         "distill_steps": Interval(int, 1, None),
         "distill_batch": Interval(int, 1, None),
         "train_crop": Interval(int, 0, None),
+        "hard_quantile": Interval(float, 0, 1, "left"),
         "blur_sigma": Interval(float, 0, None),
     }
     defaults = {
@@ -166,6 +166,7 @@ class EfficientAD(AnomalyModel):
         "distill_steps": 300,  # teacher distillation steps in fit (paper: 60 000 on ImageNet)
         "distill_batch": 8,
         "train_crop": 128,  # student and teacher train on random crops of this side (0 = whole images)
+        "hard_quantile": 0.999,  # only student errors above this quantile are trained on (paper: 0.999)
         "blur_sigma": 4.0,
     }
     tags = {"trainable": True, "test_params": {"width": 0.125, "distill_steps": 2, "distill_batch": 2},
@@ -293,7 +294,7 @@ class EfficientAD(AnomalyModel):
                   - self.student(images[..., window[0], window[1]])[:, :c]).pow(2)
         flat = errors.flatten()
         # kthvalue, not torch.quantile: the latter refuses more than 2^24 elements.
-        d_hard = flat.kthvalue(max(1, int(HARD_QUANTILE * flat.numel()))).values
+        d_hard = flat.kthvalue(max(1, int(self.hparams["hard_quantile"] * flat.numel()))).values
         hard = errors[errors >= d_hard].mean()
         if self._penalty is None or tuple(self._penalty.shape[-2:]) != crop:  # e.g. validation after loading
             self._penalty = random_crops(natural_photos(), 16, crop, rng).to(images.device)
