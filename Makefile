@@ -20,9 +20,15 @@ demo: setup
 	$(VENV)/bin/anomalens train --config configs/padim.yaml
 
 # The MLflow UI test loads the page in headless Chromium: install it when absent (root here and in CI).
+# Fast tests must pass; the slow quality floors then run within SLOW_BUDGET seconds ("when time
+# allows"): a failure fails the run, running out of time only stops them with a message.
+SLOW_BUDGET ?= 2700
 test: setup
 	command -v chromium || (apt-get update && apt-get install -y chromium) || echo "chromium unavailable"
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not slow"
+	timeout $(SLOW_BUDGET) $(PY) -m pytest -q -m slow; rc=$$?; \
+	if [ $$rc -eq 124 ]; then echo "slow tests stopped after $(SLOW_BUDGET) s: they run when time allows"; \
+	elif [ $$rc -ne 0 ]; then exit $$rc; fi
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"

@@ -1,4 +1,4 @@
-"""Export a trained run as one self-contained artifact: torch, ONNX or OpenVINO (FP32, FP16, INT8).
+"""Export a trained run as one self-contained artifact: torch, ONNX or OpenVINO (FP32, FP16, BF16, INT8).
 
 The exported graph is `InferenceGraph`: the model (the backbone's ImageNet normalisation is a
 buffer inside it; maps come out upsampled and blurred) followed by the fitted `PostProcessor`
@@ -8,8 +8,8 @@ and returns six tensors, `OUTPUT_NAMES`, which every runtime turns back into an 
 The resize to S stays on the host, done by `anomalens.data.dataset.image_to_tensor` (antialiased
 bilinear) for every runtime.  An in-graph resize would reach ONNX Runtime as `Resize(antialias=1)`,
 which matches torch to ~1e-5, but OpenVINO's antialiased `Interpolate` weights pixels differently
-(raw scores moved by up to 40 % in our test), so the same image could get another decision
-depending on the runtime.  One host resize for all keeps decisions identical.
+(in our test PaDiM's raw score moved by 40 and PatchCore's masks changed), so the same image could
+get another decision depending on the runtime.  One host resize for all keeps decisions identical.
 
 Metadata (model, input size, thresholds, normalisation statistics, versions, precision) travels
 inside the artifact: in the torch file, in ONNX `metadata_props["anomalens"]`, and in a JSON

@@ -17,7 +17,7 @@ maximum is not the score.
 
 Training recipe (paper): Adam lr 2e-4, betas (0.5, 0.999), 15 epochs, batch 64, 32 px images,
 latent size 100, w_adv 1, w_con 50, w_enc 1.  CPU default here: the same optimizer and weights,
-30 epochs, images resized to 128 px inside the model (`input_size`).
+30 epochs, width 16, images resized to 128 px inside the model (`input_size`).
 
 Deviations from the paper:
 - One optimizer for both players: D's loss is computed on the detached reconstruction and the
@@ -110,7 +110,7 @@ class GANomaly(AnomalyModel):
     defaults = {
         "input_size": 128,  # images are resized to this inside the model (paper: 32)
         "latent_size": 100,  # paper: 100
-        "width": 32,  # channels of the first DCGAN layer, doubled per layer (paper: 64)
+        "width": 16,  # channels of the first DCGAN layer, doubled per layer (paper: 64)
         "blur_sigma": 4.0,
     }
     tags = {"trainable": True, "test_params": {"input_size": 32, "width": 8, "latent_size": 16},
