@@ -25,7 +25,15 @@ import torch.nn.functional as F
 
 from ..errors import AnomalensError, ConfigError, DataError, missing_dependency
 from ..models.base import AnomalyOutput
-from .export import OUTPUT_NAMES, InferenceGraph, as_output, build_metadata, default_artifact_path, read_metadata
+from .export import (
+    OUTPUT_NAMES,
+    InferenceGraph,
+    as_output,
+    build_metadata,
+    default_artifact_path,
+    parity_tolerance,
+    read_metadata,
+)
 
 RUNTIMES = ("torch", "onnx", "openvino")
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".gif")
@@ -167,7 +175,8 @@ class Inferencer:
                 torch.set_num_threads(threads)
             config, model, post = load_checkpoint(path, dev)
             payload = torch.load(path, map_location="cpu", weights_only=True)
-            metadata = payload.get("metadata") or build_metadata(config, post, "torch", "fp32", None, path.parent)
+            metadata = payload.get("metadata") or build_metadata(config, post, "torch", "fp32", None, path.parent,
+                                                                 parity_tolerance(model))
             engine = TorchRuntime(InferenceGraph(model, post), dev)
         else:
             if dev.type != "cpu" and chosen == "openvino":

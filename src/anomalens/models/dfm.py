@@ -19,7 +19,9 @@ Deviations from the paper:
   stages, because its ImageNet weights ship offline.  Several layers may be given: each is pooled,
   resized (bilinear) to the first layer's pooled grid and concatenated.
 - The paper pools globally (one vector per image, no map); like the common industrial variant we
-  pool with a small kernel (default 2) so that the residual has a spatial layout for the map.
+  pool with a small kernel (default 4: a 4x4 grid at 256 px) so that the residual has a spatial
+  layout for the map.  A smaller kernel gives finer maps but, on our demo data, lower image AUROC
+  (brick at 256 px: 0.94 with 4, 0.88 with 2).
 - The input size is fixed at fit time (the flattened vector has one entry per pooled position).
 """
 from __future__ import annotations
@@ -58,13 +60,13 @@ class DFM(AnomalyModel):
         "backbone": "tf_efficientnet_lite0",
         "layers": ["blocks.4"],
         "weights": "imagenet",
-        "pooling_kernel": 2,  # average-pooling window (and stride) on the feature map
+        "pooling_kernel": 4,  # average-pooling window (and stride) on the feature map
         "pca_variance": 0.97,  # explained-variance ratio the kept components must reach (paper: 0.97)
         "score": "fre",  # fre = reconstruction error | nll = Gaussian negative log-likelihood in PCA space
         "blur_sigma": 4.0,
     }
-    # A stride-8 layer keeps a 4x4 residual grid on the suite's 64 px images.
-    tags = {"trainable": False, "test_params": {"layers": ["blocks.2"]}}
+    # A stride-8 layer pooled by 2 keeps a 4x4 residual grid on the suite's 64 px images.
+    tags = {"trainable": False, "test_params": {"layers": ["blocks.2"], "pooling_kernel": 2}}
 
     def __init__(self, **params):
         super().__init__(**params)
@@ -110,7 +112,8 @@ class DFM(AnomalyModel):
         if not self.fitted:
             raise AnomalensError("DFM is not fitted; call fit() first.")
         embedding = self._embed(images)
-        if tuple(embedding.shape[1:]) != tuple(self.grid.tolist()):
+        # Compared by size (shapes only): the grid buffer's values are data to torch.export.
+        if embedding[0].numel() != self.mean.numel():
             raise DataError(f"DFM was fitted on a {tuple(self.grid.tolist())} pooled feature grid but this "
                             f"{images.shape[-2]}x{images.shape[-1]} input gives {tuple(embedding.shape[1:])}; "
                             "use the training image size.")

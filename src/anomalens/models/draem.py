@@ -151,7 +151,10 @@ class DRAEM(AnomalyModel):
         "train_crop": 128,  # train on random crops of this side (0 = whole images, as in the paper)
         "blur_sigma": 2.0,
     }
-    tags = {"trainable": True, "test_params": {"width": 8}, "test_training": {"max_epochs": 1, "max_steps": 2}}
+    # Two stacked U-Nets and a softmax: ONNX Runtime's convolutions round differently from torch's
+    # (2e-4 relative on the map measured), above the default 1e-4 parity bound.
+    tags = {"trainable": True, "test_params": {"width": 8}, "test_training": {"max_epochs": 1, "max_steps": 2},
+            "parity_rtol": 1e-3}
     training_defaults = {
         "max_epochs": 20,
         "optimizer": {"name": "adam", "lr": 1e-3},

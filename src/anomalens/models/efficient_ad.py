@@ -19,11 +19,17 @@ the input size and smoothed; the image score is the map's maximum.
 
 Training recipe (paper): Adam, lr 1e-4, weight decay 1e-5, 70 000 steps of batch 1, lr x 0.1
 after 95 % of the steps; PDN widths 128/256 (S) and 256/512 (M), 384 output channels; teacher
-distilled for 60 000 steps on ImageNet from WideResNet-101 features.  CPU default here: width
-0.5, 12 epochs of the training images at the dataset batch size with lr 1e-3 (the larger
-batch takes fewer, larger steps), lr x 0.1 after 90 % of the epochs, and a 300-step teacher
-distillation.  On a GPU set width: 1.0, distill_steps: 10000 and trainer.max_epochs to reach
-~70 000 images, lr 1e-4.
+distilled for 60 000 steps on ImageNet from WideResNet-101 features.
+
+CPU default here (about 10 CPU-minutes for 80 images at 256 px): width 0.25, 12 epochs at the
+dataset batch size with lr 1e-3 (fewer, larger steps than batch 1), lr x 0.1 for the last epoch,
+a 300-step teacher distillation, student and teacher trained on random 128 px crops (the PDN only
+sees 33 px, so crops lose nothing; the autoencoder always sees the whole image), and hard-feature
+quantile 0.9: with ~1000 steps, training only the top 0.1 % of the errors leaves the student
+behind (demo brick at 128 px, image / pixel AUROC: 0.71 / 0.63 at 0.999, 0.81 / 0.80 at 0.99,
+0.84 / 0.87 at 0.9, 0.80 / 0.89 with no mining).  On a GPU set width: 1.0, train_crop: 0,
+hard_quantile: 0.999, distill_steps: 10000, trainer.optimizer.lr: 0.0001 and enough epochs for
+~70 000 images.  At the CPU budget the autoencoder branch is under-trained and adds little.
 
 Deviations from the paper (no hub downloads here):
 - Teacher: distilled inside `fit` (in `on_train_start`, once; its weights are part of the
@@ -166,7 +172,7 @@ class EfficientAD(AnomalyModel):
         "distill_steps": 300,  # teacher distillation steps in fit (paper: 60 000 on ImageNet)
         "distill_batch": 8,
         "train_crop": 128,  # student and teacher train on random crops of this side (0 = whole images)
-        "hard_quantile": 0.999,  # only student errors above this quantile are trained on (paper: 0.999)
+        "hard_quantile": 0.9,  # only student errors above this quantile are trained on (paper: 0.999)
         "blur_sigma": 4.0,
     }
     tags = {"trainable": True, "test_params": {"width": 0.125, "distill_steps": 2, "distill_batch": 2},

@@ -111,7 +111,8 @@ class FastFlow(AnomalyModel):
         return {"loss": torch.stack(nll).mean()}
 
     def forward(self, images: torch.Tensor) -> AnomalyOutput:
-        if not bool(self.fitted):
+        # The flag's value is data to torch.export: checked eagerly only.
+        if not torch.compiler.is_exporting() and not bool(self.fitted):
             raise AnomalensError("FastFlow is not fitted; train it first (Engine.fit or model.fit).")
         size = tuple(images.shape[-2:])
         likelihood = torch.zeros(images.shape[0], 1, *size, device=images.device, dtype=images.dtype)

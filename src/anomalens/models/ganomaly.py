@@ -143,7 +143,13 @@ class GANomaly(AnomalyModel):
         size = self.hparams["input_size"]
         x = images * 2 - 1
         if tuple(x.shape[-2:]) != (size, size):
-            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+            # Box-average by the whole factor, then bilinear for the rest: anti-aliased like
+            # `antialias=True`, but computed alike by torch, ONNX Runtime and OpenVINO.
+            factor = min(x.shape[-2] // size, x.shape[-1] // size)
+            if factor > 1:
+                x = F.avg_pool2d(x, factor)
+            if tuple(x.shape[-2:]) != (size, size):
+                x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
         z = self.encoder(x)
         fake = self.decoder(z)
         return x, fake, z, self.encoder2(fake)

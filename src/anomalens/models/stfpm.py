@@ -77,7 +77,8 @@ class STFPM(AnomalyModel):
         return {"loss": loss}
 
     def forward(self, images: torch.Tensor) -> AnomalyOutput:
-        if not bool(self.fitted):
+        # The flag's value is data to torch.export: checked eagerly only.
+        if not torch.compiler.is_exporting() and not bool(self.fitted):
             raise RuntimeError("STFPM is not fitted; call fit() first.")
         size = images.shape[-2:]
         maps = _distance_maps(self.teacher(images), self.student(images))
