@@ -38,6 +38,12 @@ def peak_rss_mb() -> float:
 
 def run_one(model: str, root: str, category: str, image_size: int, seed: int) -> dict:
     """Fit + test one model with anomalens; time pure inference like the peer harness does."""
+    return run_config({"name": model, "layers": LAYERS[model]}, {}, root, category, image_size, seed)
+
+
+def run_config(model_cfg: dict, trainer_cfg: dict, root: str, category: str, image_size: int, seed: int,
+               batch_size: int = 32) -> dict:
+    """Fit + test with anomalens on an MVTec-layout folder; time pure inference like the peer harness."""
     import torch
 
     from anomalens.config import config_from_dict
@@ -45,11 +51,13 @@ def run_one(model: str, root: str, category: str, image_size: int, seed: int) ->
     from anomalens.progress import set_enabled
 
     set_enabled(False)
+    model = model_cfg["name"]
     config = config_from_dict({
-        "model": {"name": model, "layers": LAYERS[model]},
+        "model": model_cfg,
         "dataset": {"format": "mvtec", "root": root, "category": category, "image_size": image_size,
-                    "batch_size": 32},
-        "visualization": {"save_images": False}, "trainer": {"progress": False, "device": "cpu"},
+                    "batch_size": batch_size},
+        "visualization": {"save_images": False}, "logging": {"logger": "none"},
+        "trainer": {**trainer_cfg, "progress": False, "device": "cpu"},
         "project": {"root": tempfile.mkdtemp(prefix="anomalens-bench-")}, "seed": seed,
     })
     engine = Engine(config)

@@ -192,6 +192,36 @@ def _drop_unused_tail(features: nn.Module, deepest: str) -> None:
         features.blocks = features.blocks[: int(deepest.split(".")[1]) + 1]
 
 
+@torch.no_grad()
+def fold_batchnorm(module: nn.Module) -> int:
+    """Fold every BatchNorm that directly follows a convolution (in its parent's registration order,
+    which is the forward order in timm's CNNs) into that convolution's weights; returns how many.
+
+    Only for frozen backbones: y = gamma (conv(x) - mu) / sigma + beta is a convolution again, so
+    inference skips one pass over every feature map (~10 % of lite0's time on CPU).  timm's
+    BatchNormAct2d keeps its activation (and drop) after the fold.
+    """
+    folded = 0
+    for parent in list(module.modules()):
+        previous: tuple[str, nn.Module] | None = None
+        for name, child in list(parent.named_children()):
+            conv = previous[1] if previous else None
+            if (isinstance(child, nn.BatchNorm2d) and isinstance(conv, nn.Conv2d) and child.track_running_stats
+                    and child.running_var is not None and child.num_features == conv.out_channels):
+                scale = child.running_var.add(child.eps).rsqrt()
+                if child.affine:
+                    scale = scale * child.weight
+                shift = -child.running_mean * scale + (child.bias if child.affine else 0.0)
+                bias = conv.bias if conv.bias is not None else torch.zeros_like(shift)
+                conv.weight.copy_(conv.weight * scale.view(-1, 1, 1, 1))
+                conv.bias = nn.Parameter(bias * scale + shift, requires_grad=False)
+                rest = [m for m in (getattr(child, "drop", None), getattr(child, "act", None)) if m is not None]
+                setattr(parent, name, nn.Sequential(*rest) if rest else nn.Identity())
+                folded += 1
+            previous = (name, child)
+    return folded
+
+
 # --------------------------------------------------------------------------- module
 class Backbone(nn.Module):
     """A (by default frozen) timm feature extractor: images in [0, 1] -> one feature map per layer."""
@@ -216,6 +246,8 @@ class Backbone(nn.Module):
         self.features = timm.create_model(name, features_only=True, out_indices=indices, pretrained=False)
         _drop_unused_tail(self.features, modules[indices[-1]])
         _transfer(full, self.features, name)
+        if not trainable:  # frozen: BatchNorm is a fixed affine map, fold it into the convolutions
+            fold_batchnorm(self.features)
 
         self.name, self.layers, self.trainable = name, list(layers), trainable
         self.channels: list[int] = [info[modules.index(layer)]["num_chs"] for layer in layers]

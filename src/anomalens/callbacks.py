@@ -4,7 +4,8 @@ The engine calls hooks in this order:
     on_run_start -> on_fit_start -> on_fit_end -> on_calibrate_end
     -> on_test_start -> on_test_batch_end (per batch) -> on_test_end -> on_run_end
 and on_exception if anything fails.  A callback that raises is reported once and disabled, so
-a broken tracker never fails or corrupts a run.
+a broken tracker never fails or corrupts a run; only `StopRun` (raised on purpose, e.g. by the
+HPO pruner) ends the run.
 """
 from __future__ import annotations
 
@@ -17,6 +18,10 @@ if TYPE_CHECKING:
     from .data.sample import Batch
     from .engine import Engine
     from .models.base import AnomalyOutput
+
+
+class StopRun(Exception):
+    """Raised by a callback to end the run on purpose (an HPO trial pruned); never swallowed."""
 
 
 class Callback:
@@ -61,6 +66,8 @@ class CallbackList:
         for cb in list(self.callbacks):
             try:
                 getattr(cb, hook)(*args)
+            except StopRun:
+                raise
             except Exception as exc:  # noqa: BLE001 - a callback must never break the run
                 warnings.warn(f"{type(cb).__name__}.{hook} failed and is disabled for this run: "
                               f"{type(exc).__name__}: {exc}", stacklevel=2)

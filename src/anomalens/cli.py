@@ -155,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Modules that contribute sub-commands (their heavy imports stay inside the command functions).
 COMMAND_MODULES: list[str] = ["anomalens.deploy.commands", "anomalens.deploy.serve_command",
-                              "anomalens.loggers.commands"]
+                              "anomalens.loggers.commands", "anomalens.pipelines.commands",
+                              "anomalens.pipelines.hpo_commands"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,8 @@
     on_test_end        final metrics (AUROC, F1, AUPRO, thresholds, false-reject and escape rates)
     on_run_end         system load, durations, the saved prediction images, the per-image score table; finish
 
+A run that is not an engine run (a benchmark's summary) is logged in one call, `log_summary`.
+
 A backend error propagates to the engine's CallbackList, which warns once and disables the
 tracker; before it does, the tracker closes its run (marked failed) so nothing is left half open.
 The local record in the run folder never depends on a tracker.
@@ -16,8 +18,9 @@ from __future__ import annotations
 import csv
 import math
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import urlparse
@@ -114,6 +117,14 @@ def load_rgb(path: Path) -> np.ndarray:
 
     with Image.open(path) as im:
         return np.asarray(im.convert("RGB"))
+
+
+@dataclass
+class RunFolder:
+    """What `Tracker.start` reads of an engine (its config and run folder), for a run without one."""
+
+    config: Config
+    run_dir: Path
 
 
 class Tracker(Callback):
@@ -264,6 +275,31 @@ class Tracker(Callback):
             self.started = False
             self.finish(failed=True)
             self.report()
+
+    # -- a run outside the engine ---------------------------------------------------------------
+    def log_summary(self, run_dir: Path, params: dict[str, Any], tags: dict[str, str], metrics: dict[str, float],
+                    tables: Sequence[Path] = (), images: Sequence[Path] = ()) -> None:
+        """Log one complete run that no engine made (e.g. a benchmark's summary) and close it.
+
+        It opens in `run_dir` (a tracker keeps its files there, as in a run folder) and is named
+        '<config's model name>-<run_dir name>'.  `tags` should hold 'model', 'dataset' and 'category',
+        like an engine run's; `tables` are CSV files, `images` PNG files (logged as 'summary/<stem>').
+        """
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with self._closing_on_error():
+            self.start(RunFolder(self.config, run_dir))
+            self.started = True
+            self.log_params(params)
+            self.log_tags(tags)
+            self.log_metrics(finite(metrics), step=0)
+            for path in tables:
+                self.log_table(Path(path))
+            for path in images:
+                self.log_image(load_rgb(Path(path)), f"summary/{Path(path).stem}", 0)
+            self.started = False
+            self.finish()
+        self.report()
 
 
 def _durations(engine: Engine) -> dict[str, float]:

@@ -123,7 +123,7 @@ class MlflowTracker(Tracker):
         headers, rows = read_table(path)
         self.client.log_artifact(self.run_id, str(path))
         self.client.log_table(self.run_id, {h: [r[i] for r in rows] for i, h in enumerate(headers)},
-                              "scores.json")
+                              f"{path.stem}.json")  # scores.csv -> scores.json
 
     def log_file(self, path: Path) -> None:
         self.client.log_artifact(self.run_id, str(path))

@@ -81,7 +81,7 @@ class TensorBoardTracker(Tracker):
         text = _markdown_table(headers, rows[:MAX_TABLE_ROWS])
         if len(rows) > MAX_TABLE_ROWS:
             text += f"\n\n... {len(rows) - MAX_TABLE_ROWS} more rows in {path}"
-        self.writer.add_text("run/scores", text)
+        self.writer.add_text(f"run/{path.stem}", text)  # scores.csv -> run/scores
 
     def log_file(self, path: Path) -> None:
         self.writer.add_text(f"run/{path.name}", "    " + path.read_text().replace("\n", "\n    "))

@@ -1,0 +1,116 @@
+"""Accuracy and speed of the model zoo, side by side with the peer (anomalib 2.7), per model and data set.
+
+Each model trains from its `configs/<name>.yaml` (its documented CPU defaults) with the epochs
+and layers given here, and the peer runs the same model with the same backbone, layers, image
+size, epochs and training images through ../shared/peer/anomalib_run.py.  Jobs run one per
+process (peak RSS is their own); timings are comparable only within one run.
+
+    .venv/bin/python benchmarks/zoo.py --categories brick flange --mtd ../shared/data/mtd --peer \\
+        --max-train 60 --image-size 256                      # the README's zoo table
+    .venv/bin/python benchmarks/zoo.py --models stfpm dfm --categories brick    # ours only, two models
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import core  # noqa: E402 - the shared harness (subsets, job runner, peer paths)
+
+CONFIGS = HERE.parent / "configs"
+# Epoch budgets for both libraries (the peer harness's CPU budgets); memory-bank models fit in one pass.
+EPOCHS = {"stfpm": 20, "fastflow": 10, "cflow": 5, "reverse_distillation": 10, "draem": 5, "ganomaly": 3,
+          "efficient_ad": 12, "autoencoder": 20}
+# Models the peer cannot run offline with our backbone, and what it runs instead (said in the table).
+PEER_ARGS = {
+    "fastflow": (["--no-pretrained"], "peer: random-init resnet18 (its backbone check refuses lite0)"),
+    "reverse_distillation": (["--no-pretrained"], "peer: random-init resnet18 (its decoder exists for resnets only)"),
+}
+NO_PEER = {"efficient_ad": "peer needs its released teacher weights and ImageNette (downloads)",
+           "autoencoder": "not in anomalib"}
+TRAIN_BATCH = {"draem": 8}  # what fits in memory for the peer at 256 px; the same for ours
+
+
+def model_settings(model: str) -> tuple[dict, dict]:
+    """(model section, trainer section) of configs/<model>.yaml with this benchmark's epoch budget."""
+    from anomalens.config import load_yaml
+
+    data = load_yaml(CONFIGS / f"{model}.yaml")
+    trainer = {k: v for k, v in data.get("trainer", {}).items() if k in ("optimizer", "scheduler", "gradient_clip")}
+    if model in EPOCHS:
+        trainer["max_epochs"] = EPOCHS[model]
+    return data["model"], trainer
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--one", nargs=3, metavar=("MODEL", "ROOT", "CATEGORY"))
+    p.add_argument("--models", nargs="+", default=["cflow", "stfpm", "dfm", "dfkde", "fastflow",
+                                                   "reverse_distillation", "draem", "ganomaly", "efficient_ad"])
+    p.add_argument("--categories", nargs="+", default=["brick", "flange"], help="demo categories")
+    p.add_argument("--mtd", default=None, help="magnetic-tile root (MVTec layout, category magnetic_tile)")
+    p.add_argument("--max-train", type=int, default=None, help="evenly spread subset of training images")
+    p.add_argument("--peer", action="store_true", help="also run anomalib 2.7 through ../shared/peer")
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--timeout", type=float, default=3600)
+    p.add_argument("--out", default=str(HERE / "results" / "zoo.jsonl"))
+    a = p.parse_args()
+
+    if a.one:
+        model, root, category = a.one
+        model_cfg, trainer_cfg = model_settings(model)
+        print(json.dumps(core.run_config(model_cfg, trainer_cfg, root, category, a.image_size, a.seed,
+                                         batch_size=TRAIN_BATCH.get(model, 32))))
+        return 0
+
+    from anomalens.data.demo import default_demo_root, ensure_demo
+
+    demo_root = ensure_demo(default_demo_root(), image_size=a.image_size)
+    datasets = [(demo_root, c, "demo") for c in a.categories]
+    if a.mtd:
+        datasets.append((Path(a.mtd).resolve(), "magnetic_tile", "mtd"))
+    if a.max_train:
+        work = Path(tempfile.gettempdir()) / "anomalens-bench"
+        datasets = [(core.subset(root, c, a.max_train, work), c, kind) for root, c, kind in datasets]
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for root, category, kind in datasets:
+        for model in a.models:
+            model_cfg, trainer_cfg = model_settings(model)
+            ours = core.run_job([sys.executable, __file__, "--one", model, str(root), category, "--image-size",
+                                 str(a.image_size), "--seed", str(a.seed)], a.timeout)
+            ours.update(library="anomalens", model=model, category=category, dataset=kind)
+            rows.append(ours)
+            print(json.dumps(ours), flush=True)
+            if a.peer and model not in NO_PEER:
+                extra, _ = PEER_ARGS.get(model, ([], ""))
+                cmd = [str(core.PEER_PYTHON), str(core.PEER), "--model", model, "--root", str(root), "--category",
+                       category, "--image-size", str(a.image_size), "--seed", str(a.seed), *extra]
+                if "layers" in model_cfg and not extra:
+                    cmd += ["--layers", *model_cfg["layers"]]
+                if "max_epochs" in trainer_cfg:
+                    cmd += ["--max-epochs", str(trainer_cfg["max_epochs"])]
+                if model in TRAIN_BATCH:
+                    cmd += ["--train-batch-size", str(TRAIN_BATCH[model])]
+                peer = core.run_job(cmd, a.timeout)
+                peer.update(library="anomalib", model=model, category=category, dataset=kind)
+                rows.append(peer)
+                print(json.dumps(peer), flush=True)
+            with open(a.out, "a") as fh:  # as we go: a long run that dies keeps what it measured
+                for r in rows[-2:] if a.peer and model not in NO_PEER else rows[-1:]:
+                    fh.write(json.dumps(r) + "\n")
+    core.print_table(rows)
+    for model in a.models:
+        note = NO_PEER.get(model) or PEER_ARGS.get(model, (None, ""))[1]
+        if note:
+            print(f"- {model}: {note}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
