@@ -114,3 +114,31 @@ def test_validation_from_test_uses_f1_and_removes_those_images_from_test(tiny_de
     engine.run()
     assert engine.postprocessor.method == "f1"
     assert not ({r.path for r in engine.splits.val} & {r.path for r in engine.splits.test})
+
+
+def _fitted_on(engine, records):
+    from anomalens.engine import OnDevice, build_model, make_loader, seed_everything
+
+    seed_everything(engine.config.seed)  # the same random backbone (weights: none) as the engine's
+    model = build_model(engine.config)
+    return model.fit(OnDevice(make_loader(records, engine.config), torch.device("cpu")))
+
+
+def test_one_pass_models_are_refitted_with_the_good_validation_images(padim_run):
+    engine, run_dir, _ = padim_run
+    assert engine.timings["refit_seconds"] > 0
+    both = _fitted_on(engine, [*engine.splits.train, *engine.splits.val])
+    train_only = _fitted_on(engine, engine.splits.train)
+    torch.testing.assert_close(engine.model.mean, both.mean)
+    assert not torch.allclose(engine.model.mean, train_only.mean)
+    # The checkpoint holds the refitted model, with the thresholds calibrated before the refit.
+    _, saved, post = load_checkpoint(run_dir)
+    torch.testing.assert_close(saved.mean, both.mean)
+    assert float(post.image_threshold) == float(engine.postprocessor.image_threshold)
+
+
+def test_refit_can_be_switched_off(tiny_demo_root, tmp_path):
+    engine = Engine(tiny_config(tiny_demo_root, tmp_path, trainer={"refit": False}, visualization={"save_images": False}))
+    engine.run()
+    assert "refit_seconds" not in engine.timings
+    torch.testing.assert_close(engine.model.mean, _fitted_on(engine, engine.splits.train).mean)

@@ -258,6 +258,8 @@ class Backbone(nn.Module):
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
         self.requires_grad_(trainable)
         self.train(False)
+        # Channels-last convolutions run about twice as fast on CPU (oneDNN's native layout).
+        self.features.to(memory_format=torch.channels_last)
 
     def train(self, mode: bool = True) -> Backbone:
         # A frozen backbone stays in eval mode (BatchNorm statistics untouched) whatever the parent does.
@@ -265,5 +267,7 @@ class Backbone(nn.Module):
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         """images: (B, 3, H, W) in [0, 1] -> feature maps (B, C_i, H / s_i, W / s_i) in the order of `layers`."""
-        outputs = self.features((images - self.mean) / self.std)
-        return [outputs[i] for i in self._order]
+        x = ((images - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+        outputs = self.features(x)
+        # Back to the standard layout: the heads reshape these maps freely.
+        return [outputs[i].contiguous() for i in self._order]

@@ -91,6 +91,7 @@ class TrainerConfig:
     gradient_clip: float | None = _rule(AnyOf(Interval(float, 0, None, "neither"), NONE), None, "max grad norm")
     precision: str = _rule(OneOf("32", "bf16-mixed", "16-mixed"), "32", "mixed precision")
     val_every_n_epochs: int = _rule(Interval(int, 1), 1)
+    refit: bool = _rule(BOOL, True, "one-pass models: after calibration, fit again on train + good validation images")
     early_stopping: dict | None = _rule(AnyOf(DICT, NONE), None, "{monitor: val_loss|val_image_AUROC|..., patience}")
     progress: bool = _rule(BOOL, True, "show progress bars")
 
