@@ -53,7 +53,7 @@ def main() -> int:
     p.add_argument("--one", nargs=3, metavar=("MODEL", "ROOT", "CATEGORY"))
     p.add_argument("--models", nargs="+", default=["cflow", "stfpm", "dfm", "dfkde", "fastflow",
                                                    "reverse_distillation", "draem", "ganomaly", "efficient_ad"])
-    p.add_argument("--categories", nargs="+", default=["brick", "flange"], help="demo categories")
+    p.add_argument("--categories", nargs="*", default=["brick", "flange"], help="demo categories (none: only --mtd)")
     p.add_argument("--mtd", default=None, help="magnetic-tile root (MVTec layout, category magnetic_tile)")
     p.add_argument("--max-train", type=int, default=None, help="evenly spread subset of training images")
     p.add_argument("--peer", action="store_true", help="also run anomalib 2.7 through ../shared/peer")

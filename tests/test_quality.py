@@ -12,12 +12,12 @@ from anomalens.data.demo import DEMO_CATEGORIES
 from anomalens.engine import Engine
 
 TARGET = {"patchcore": 0.95, "padim": 0.90}
-# (model, category) -> regression floor; measured image / pixel AUROC on demo v2 in the comment.
+# (model, category) -> regression floor; measured image / pixel AUROC on demo v2 (refit on) in the comment.
 BELOW_TARGET = {
-    ("padim", "grass"): 0.76,  # 0.811 / 0.870
-    ("padim", "gravel"): 0.75,  # 0.799 / 0.880
-    ("patchcore", "grass"): 0.73,  # 0.779 / 0.898
-    ("patchcore", "gravel"): 0.87,  # 0.924 / 0.920
+    ("padim", "grass"): 0.69,  # 0.737 / 0.861 (0.811 / 0.870 without trainer.refit)
+    ("padim", "gravel"): 0.75,  # 0.806 / 0.875
+    ("patchcore", "grass"): 0.75,  # 0.804 / 0.908
+    ("patchcore", "gravel"): 0.86,  # 0.912 / 0.928
 }
 
 

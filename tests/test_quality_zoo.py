@@ -1,9 +1,9 @@
-"""Quality floors of the model zoo on one demo category at 256 px (slow: real training on CPU).
+"""Quality floors of the model zoo on one demo category at 128 px (slow: real training on CPU).
 
-Each model trains with its documented CPU defaults (configs/<name>.yaml when it exists, else the
-model's own defaults) and must reach an image AUROC of at least its floor.  A floor is what was
-measured minus a margin, so it can fail: a model no better than chance is a defect.  One entry
-per model in MODEL_FLOORS (name -> floor); the measured values are in each comment.
+Each model trains with its documented CPU defaults (configs/<name>.yaml) on the demo category at
+128 px (all 100 training images; `benchmarks/zoo.py` runs the same configs on 60 of them, side by
+side with the peer).  A floor is the value measured here (in the comment) minus a margin, so it
+can fail: a model no better than chance is a defect.
 """
 from pathlib import Path
 
@@ -13,10 +13,21 @@ from anomalens.config import config_from_dict, load_yaml
 from anomalens.engine import Engine
 
 CATEGORY = "brick"
+IMAGE_SIZE = 128
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
+# model -> (image AUROC floor, pixel AUROC floor or None); measured image / pixel in the comment.
 MODEL_FLOORS = {
-    "reverse_distillation": 0.90,  # measured 0.957 image / 0.904 pixel AUROC
+    "autoencoder": (0.55, 0.70),  # 0.611 / 0.774
+    "cflow": (0.93, 0.92),  # 0.980 / 0.968
+    "dfkde": (0.63, 0.60),  # 0.693 / 0.671
+    "dfm": (0.87, 0.78),  # 0.924 / 0.830
+    "draem": (0.80, 0.60),  # 0.869 / 0.661
+    "efficient_ad": (0.75, 0.85),  # 0.823 / 0.916
+    "fastflow": (0.95, 0.94),  # 1.000 / 0.992
+    "ganomaly": (0.56, 0.76),  # 0.626 / 0.830
+    "reverse_distillation": (0.80, 0.89),  # 0.866 / 0.953
+    "stfpm": (0.88, 0.91),  # 0.935 / 0.967
 }
 
 
@@ -26,7 +37,7 @@ def test_zoo_quality_floor(model, tmp_path):
     yaml_path = CONFIGS / f"{model}.yaml"
     data = load_yaml(yaml_path) if yaml_path.is_file() else {"model": {"name": model}}
     data["dataset"] = {**data.get("dataset", {}), "format": "demo", "root": None, "category": CATEGORY,
-                       "image_size": 256}
+                       "image_size": IMAGE_SIZE}
     data["visualization"] = {**data.get("visualization", {}), "save_images": False, "show_images": False}
     data["logging"] = {"logger": "none"}
     data["trainer"] = {**data.get("trainer", {}), "progress": False}
@@ -36,4 +47,7 @@ def test_zoo_quality_floor(model, tmp_path):
     m = engine.metrics
     print(f"{model}/{CATEGORY}: image AUROC {m['image_AUROC']:.4f}, pixel AUROC {m['pixel_AUROC']:.4f}, "
           f"fit {engine.timings['fit_seconds']:.1f}s")
-    assert m["image_AUROC"] >= MODEL_FLOORS[model]
+    image_floor, pixel_floor = MODEL_FLOORS[model]
+    assert m["image_AUROC"] >= image_floor
+    if pixel_floor is not None:
+        assert m["pixel_AUROC"] >= pixel_floor
