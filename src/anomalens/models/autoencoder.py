@@ -98,16 +98,7 @@ class AutoEncoder(AnomalyModel):
     def __init__(self, **params):
         super().__init__(**params)
         self.net = ConvAutoEncoder(self.hparams["width"], self.hparams["latent_channels"])
-        # Empty until trained; checked by shape (not value) so that forward stays exportable.
-        self.register_buffer("trained", torch.empty(0))
-
-    @property
-    def fitted(self) -> bool:
-        return self.trained.numel() > 0
-
-    def _mark_trained(self) -> None:
-        if not self.fitted:
-            self.trained = torch.ones(1, device=self.trained.device)
+        self.register_trained_flag()
 
     def training_step(self, batch: Batch) -> dict[str, torch.Tensor]:
         images = batch.image
@@ -118,7 +109,7 @@ class AutoEncoder(AnomalyModel):
             losses["l2"] = F.mse_loss(reconstruction, images)
         if "ssim" in kind:
             losses["ssim"] = ssim_loss(reconstruction, images)
-        self._mark_trained()
+        self.mark_trained()
         return {"loss": sum(losses.values()), **losses}
 
     def forward(self, images: torch.Tensor) -> AnomalyOutput:

@@ -92,6 +92,22 @@ class AnomalyModel(nn.Module):
     def forward(self, images: torch.Tensor) -> AnomalyOutput:  # pragma: no cover - interface
         raise NotImplementedError
 
+    # -- the "trained" flag of trained models -------------------------------------------------
+    def register_trained_flag(self) -> None:
+        """Trained models: a buffer that stays empty until the first training step.  `fitted`
+        reads its shape, not its value, so that checking it in forward stays exportable."""
+        self.register_buffer("trained", torch.empty(0))
+
+    def mark_trained(self) -> None:
+        """Trained models: call in `training_step`."""
+        if not self.fitted:
+            self.trained = torch.ones(1, device=self.trained.device)
+
+    @property
+    def fitted(self) -> bool:
+        """Whether the model can predict.  Models without the trained flag override this."""
+        return self.trained.numel() > 0
+
     # -- checkpoint support -----------------------------------------------------------------
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
         # Fitted buffers (memory banks, Gaussians) have data-dependent shapes: resize ours first.

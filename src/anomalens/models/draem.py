@@ -166,16 +166,7 @@ class DRAEM(AnomalyModel):
         width = self.hparams["width"]
         self.reconstructive = ReconstructiveNet(2 * width)
         self.discriminative = DiscriminativeNet(width)
-        # Empty until trained; checked by shape (not value) so that forward stays exportable.
-        self.register_buffer("trained", torch.empty(0))
-
-    @property
-    def fitted(self) -> bool:
-        return self.trained.numel() > 0
-
-    def _mark_trained(self) -> None:
-        if not self.fitted:
-            self.trained = torch.ones(1, device=self.trained.device)
+        self.register_trained_flag()
 
     def training_step(self, batch: Batch) -> dict[str, torch.Tensor]:
         # The numpy generator is seeded from torch's, so seeded runs are reproducible.
@@ -187,7 +178,7 @@ class DRAEM(AnomalyModel):
         l2 = F.mse_loss(reconstruction, images)
         ssim = ssim_loss(reconstruction, images)
         focal = focal_loss(logits, mask)
-        self._mark_trained()
+        self.mark_trained()
         return {"loss": l2 + ssim + focal, "l2": l2, "ssim": ssim, "focal": focal}
 
     @torch.no_grad()

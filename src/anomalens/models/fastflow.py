@@ -96,7 +96,7 @@ class FastFlow(AnomalyModel):
             CouplingFlow(c, hp["flow_steps"], _conv_subnet(c, hp["hidden_ratio"], hp["conv3x3_only"]), hp["clamp"],
                          seed=hp["seed"] + i)
             for i, c in enumerate(self.backbone.channels))
-        self.register_buffer("fitted", torch.tensor(False))
+        self.register_trained_flag()
 
     def _latents(self, images: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(z, log-det per position) for every level."""
@@ -107,12 +107,11 @@ class FastFlow(AnomalyModel):
 
     def training_step(self, batch: Batch) -> dict[str, torch.Tensor]:
         nll = [-gaussian_log_likelihood(z, log_det).mean() / z.shape[1] for z, log_det in self._latents(batch.image)]
-        self.fitted.fill_(True)
+        self.mark_trained()
         return {"loss": torch.stack(nll).mean()}
 
     def forward(self, images: torch.Tensor) -> AnomalyOutput:
-        # The flag's value is data to torch.export: checked eagerly only.
-        if not torch.compiler.is_exporting() and not bool(self.fitted):
+        if not self.fitted:
             raise AnomalensError("FastFlow is not fitted; train it first (Engine.fit or model.fit).")
         size = tuple(images.shape[-2:])
         likelihood = torch.zeros(images.shape[0], 1, *size, device=images.device, dtype=images.dtype)

@@ -130,13 +130,8 @@ class GANomaly(AnomalyModel):
         self.discriminator = Discriminator(size, width)
         for net in (self.encoder, self.decoder, self.encoder2, self.discriminator):
             _dcgan_init(net)
-        # Empty until trained; checked by shape (not value) so that forward stays exportable.
-        self.register_buffer("trained", torch.empty(0))
+        self.register_trained_flag()
         self._reset_discriminator = False
-
-    @property
-    def fitted(self) -> bool:
-        return self.trained.numel() > 0
 
     def _generate(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(x in [-1, 1] at input_size, reconstruction x', z, z')."""
@@ -175,8 +170,7 @@ class GANomaly(AnomalyModel):
                                + F.binary_cross_entropy_with_logits(logit_fake, torch.zeros_like(logit_fake)))
         # The paper's remedy for a discriminator that has won: start it afresh (at the next step).
         self._reset_discriminator = self.training and float(discriminator.detach()) < D_COLLAPSE
-        if not self.fitted:
-            self.trained = torch.ones(1, device=self.trained.device)
+        self.mark_trained()
         return {"loss": generator + discriminator, "adversarial": adversarial, "contextual": contextual,
                 "encoder": encoder, "discriminator": discriminator}
 

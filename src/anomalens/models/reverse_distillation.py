@@ -169,8 +169,7 @@ class ReverseDistillation(AnomalyModel):
                               f"{strides}.")
         self.bottleneck = OneClassBottleneck(channels, strides, hp["bottleneck_blocks"])
         self.decoder = Decoder(self.bottleneck.out_channels, channels, strides, hp["decoder_blocks"])
-        # Empty until trained; checked by shape (not value) so that forward stays exportable.
-        self.register_buffer("trained", torch.empty(0))
+        self.register_trained_flag()
 
     def _distances(self, images: torch.Tensor) -> list[torch.Tensor]:
         with torch.no_grad():  # the teacher is frozen; no graph through it
@@ -178,17 +177,9 @@ class ReverseDistillation(AnomalyModel):
         decoded = self.decoder(self.bottleneck(encoded), [e.shape[-2:] for e in encoded])
         return cosine_distance_maps(encoded, decoded)
 
-    @property
-    def fitted(self) -> bool:
-        return self.trained.numel() > 0
-
-    def _mark_trained(self) -> None:
-        if not self.fitted:
-            self.trained = torch.ones(1, device=self.trained.device)
-
     def training_step(self, batch: Batch) -> dict[str, torch.Tensor]:
         loss = sum(d.mean() for d in self._distances(batch.image))
-        self._mark_trained()
+        self.mark_trained()
         return {"loss": loss}
 
     def forward(self, images: torch.Tensor) -> AnomalyOutput:

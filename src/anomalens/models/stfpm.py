@@ -66,19 +66,18 @@ class STFPM(AnomalyModel):
         hp = self.hparams
         self.teacher = Backbone(hp["backbone"], hp["layers"], hp["weights"])
         self.student = Backbone(hp["backbone"], hp["layers"], "none", trainable=True)
-        self.register_buffer("fitted", torch.tensor(False))
+        self.register_trained_flag()
 
     def training_step(self, batch: Batch) -> dict[str, torch.Tensor]:
         with torch.no_grad():
             teacher = self.teacher(batch.image)
         student = self.student(batch.image)
         loss = sum(d.mean() for d in _distance_maps(teacher, student))
-        self.fitted.fill_(True)
+        self.mark_trained()
         return {"loss": loss}
 
     def forward(self, images: torch.Tensor) -> AnomalyOutput:
-        # The flag's value is data to torch.export: checked eagerly only.
-        if not torch.compiler.is_exporting() and not bool(self.fitted):
+        if not self.fitted:
             raise RuntimeError("STFPM is not fitted; call fit() first.")
         size = images.shape[-2:]
         maps = _distance_maps(self.teacher(images), self.student(images))
