@@ -119,6 +119,21 @@ def subset(root: Path, category: str, max_train: int, workdir: Path) -> Path:
     return dst.parent
 
 
+def datasets(categories: list[str], mtd: str | None, max_train: int | None) -> list[tuple[str, str, str]]:
+    """(root, category, kind) of the demo categories and the magnetic tiles, as `max_train` subsets if asked.
+
+    The demo set is the cached 256 px one; both libraries resize it to the benchmark's image size."""
+    from anomalens.data.demo import default_demo_root, ensure_demo
+
+    found = [(ensure_demo(default_demo_root()), c, "demo") for c in categories]
+    if mtd:
+        found.append((Path(mtd).resolve(), "magnetic_tile", "mtd"))
+    if max_train:  # the same evenly spread training subset for both libraries
+        work = Path(tempfile.gettempdir()) / "anomalens-bench"
+        found = [(subset(root, c, max_train, work), c, kind) for root, c, kind in found]
+    return [(str(root), c, kind) for root, c, kind in found]
+
+
 def run_job(cmd: list[str], timeout: float) -> dict:
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
@@ -163,20 +178,13 @@ def main() -> int:
         print(json.dumps(run_one(a.one[0], a.one[1], a.one[2], a.image_size, a.seed)))
         return 0
 
-    from anomalens.data.demo import DEMO_CATEGORIES, default_demo_root, ensure_demo
+    from anomalens.data.demo import DEMO_CATEGORIES
 
-    demo_root = ensure_demo(default_demo_root(), image_size=a.image_size)
-    datasets = [(demo_root, c, "demo") for c in (a.categories or DEMO_CATEGORIES)]
-    if a.mtd:
-        datasets.append((Path(a.mtd).resolve(), "magnetic_tile", "mtd"))
-    if a.max_train:  # the same evenly spread training subset for both libraries
-        work = Path(tempfile.gettempdir()) / "anomalens-bench"
-        datasets = [(subset(root, c, a.max_train, work), c, kind) for root, c, kind in datasets]
-    datasets = [(str(root), c, kind) for root, c, kind in datasets]
+    jobs = datasets(a.categories or list(DEMO_CATEGORIES), a.mtd, a.max_train)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     peer_rows = load_peer_rows(a.reuse_peer)
     rows = []
-    for root, category, kind in datasets:
+    for root, category, kind in jobs:
         for model in a.models:
             ours = run_job([sys.executable, __file__, "--one", model, root, category, "--image-size",
                             str(a.image_size), "--seed", str(a.seed)], a.timeout)

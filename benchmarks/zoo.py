@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -73,19 +72,11 @@ def main() -> int:
                                          batch_size=TRAIN_BATCH.get(model, 32))))
         return 0
 
-    from anomalens.data.demo import default_demo_root, ensure_demo
-
-    demo_root = ensure_demo(default_demo_root())  # the 256 px demo; both libraries resize it to --image-size
-    datasets = [(demo_root, c, "demo") for c in a.categories]
-    if a.mtd:
-        datasets.append((Path(a.mtd).resolve(), "magnetic_tile", "mtd"))
-    if a.max_train:
-        work = Path(tempfile.gettempdir()) / "anomalens-bench"
-        datasets = [(core.subset(root, c, a.max_train, work), c, kind) for root, c, kind in datasets]
+    jobs = core.datasets(a.categories, a.mtd, a.max_train)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     peer_rows = core.load_peer_rows(a.reuse_peer)
     rows = []
-    for root, category, kind in datasets:
+    for root, category, kind in jobs:
         for model in a.models:
             model_cfg, trainer_cfg = model_settings(model)
             ours = core.run_job([sys.executable, __file__, "--one", model, str(root), category, "--image-size",
