@@ -321,6 +321,23 @@ def test_dask_local_cluster_run_logs_a_summary_run_and_shuts_down(tiny_demo_root
     assert all(r["job_id"] in table for r in result.rows)
 
 
+def test_jobs_go_to_an_existing_dask_scheduler_by_its_address(tiny_demo_root, tmp_path):
+    # A cluster the benchmark did not start (as on other machines): results come back to the client.
+    distributed = pytest.importorskip("distributed")
+    cluster = distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False, protocol="tcp",
+                                       host="127.0.0.1", dashboard_address=None)
+    try:
+        spec = {"base": base(tiny_demo_root), "models": [{**TINY_PADIM, "n_features": 8}], "speed": FAST_SPEED}
+        result = run_benchmark(spec, tmp_path / "out", scheduler=cluster.scheduler_address)
+        assert result.executor == f"Dask at {cluster.scheduler_address}"  # not ours to close
+        [row] = result.rows
+        assert row["status"] == "ok", row["error"]
+        assert 0 <= row["image_AUROC"] <= 1 and row["torch_b1_throughput_ips"] > 0
+        assert cluster.scheduler_info["workers"]  # the cluster outlives the benchmark
+    finally:
+        cluster.close()
+
+
 # --------------------------------------------------------------------------- the summary-run API
 def test_log_summary_opens_logs_and_closes_one_run(tmp_path):
     from anomalens.config import config_from_dict
