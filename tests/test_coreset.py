@@ -127,3 +127,21 @@ def test_nearest_distances_rejects_bad_shapes_and_k():
         nearest_distances(torch.zeros(2, 5), torch.zeros(3, 5), k=4)
     with pytest.raises(ValueError, match="expected"):
         nearest_distances(torch.zeros(2, 5), torch.zeros(3, 4))
+
+
+def test_exported_search_finds_the_same_neighbours_as_eager_torch():
+    """Exported graphs take a reduction-only arg-min (OpenVINO runs ArgMin as a slow TopK): same
+    distances and indices as eager torch, including the first column among tied minima."""
+    from anomalens.components.knn import NearestNeighbours
+
+    gen = torch.Generator().manual_seed(3)
+    bank = torch.randn(300, 8, generator=gen)
+    bank[200] = bank[17]  # a duplicate row: the tie must resolve to the first column, 17
+    queries = torch.cat([torch.randn(40, 8, generator=gen), bank[17:18] + 1e-3])
+    eager = NearestNeighbours()(queries, bank)
+    program = torch.export.export(NearestNeighbours(), (queries, bank))
+    exported = program.module()(queries, bank)
+    code = program.graph_module.print_readable(print_output=False)  # with the no_grad sub-graph
+    assert "amin" in code and "argmin" not in code and "min.dim" not in code
+    assert torch.equal(exported[1], eager[1]) and exported[1][-1, 0] == 17
+    torch.testing.assert_close(exported[0], eager[0])

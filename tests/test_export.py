@@ -176,13 +176,26 @@ def test_int8_and_fp16_report_their_auroc_against_the_run(exported):
     assert ev["reference_auroc"] == pytest.approx(expected)
     assert ev["auroc_drop"] == pytest.approx(ev["reference_auroc"] - ev["auroc"])
     meta = read_metadata(result.path)
-    assert meta["precision"] == "int8" and meta["evaluation"] == ev and meta["int8_scope"] == ["model.backbone"]
+    assert meta["precision"] == "int8" and meta["evaluation"] == ev and meta["int8_scope"] == ["model.patch_search"]
+    # Only PatchCore's ranking product is 8-bit: every quantiser feeds a matrix product, none the
+    # float32 recomputation of the chosen distances that shares its input.
+    import openvino as ov
+
+    graph = ov.Core().read_model(str(result.path))
+    quantisers = [op for op in graph.get_ordered_ops() if op.get_type_name() == "FakeQuantize"]
+    fed = {t.get_node().get_type_name() for q in quantisers for t in q.output(0).get_target_inputs()}
+    assert quantisers and fed == {"MatMul"}
     assert meta["calibration"]["images"] == 8  # the tiny run's training split
     # The int8 model's own AUROC, recomputed independently.
     config, _, _ = load_checkpoint(run)
     records, images = split_tensors(config, "test")
     scores = _outputs(result.path, images).score.numpy()
     assert ev["auroc"] == pytest.approx(auroc(np.array([r.label for r in records]), scores))
+    # An 8-bit ranking can only pick a near-equal neighbour, whose distance is then exact: never a
+    # shorter one than the true nearest, and mostly the same one.
+    int8, fp32 = _outputs(result.path, images), _outputs(xml_path, images)
+    assert (int8.anomaly_map >= fp32.anomaly_map - 1e-4 * fp32.anomaly_map.max()).all()
+    assert np.median(np.abs(scores / fp32.score.numpy() - 1)) < 1e-4
 
     bf16 = export(run, "openvino", "bf16", onnx=onnx_path, evaluate=False).path
     assert read_metadata(bf16)["inference_precision"] == "bf16"  # the compute precision the runtime sets

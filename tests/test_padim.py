@@ -54,6 +54,23 @@ def test_accumulator_matches_numpy_cov_over_uneven_batches():
         np.testing.assert_allclose(inv_cov[p].numpy(), np.linalg.inv(expected), rtol=1e-7, atol=1e-9)
 
 
+def test_oas_shrinkage_matches_scikit_learn():
+    from sklearn.covariance import OAS
+
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(12, 3, 9)) * rng.uniform(0.1, 3, size=(1, 1, 9)) + 50.0  # fewer samples than 2 x dims
+    acc = GaussianAccumulator()
+    acc.update(torch.from_numpy(x[:5]))
+    acc.update(torch.from_numpy(x[5:]))
+    cov = acc.covariance(eps=0.01, shrinkage="oas")
+    for p in range(3):
+        expected = OAS().fit(x[:, p]).covariance_ + 0.01 * np.eye(9)
+        np.testing.assert_allclose(cov[p].numpy(), expected, atol=1e-9)
+        assert not np.allclose(expected, np.cov(x[:, p], rowvar=False) + 0.01 * np.eye(9), atol=1e-3)
+    with pytest.raises(ValueError, match="shrinkage must be"):
+        acc.covariance(shrinkage="ledoit")
+
+
 def test_accumulator_needs_two_samples():
     acc = GaussianAccumulator()
     acc.update(torch.zeros(1, 2, 3))

@@ -405,11 +405,18 @@ def openvino_blocker(onnx_path: Path, model_name: str) -> AnomalensError | None:
     return None
 
 
+# What INT8 quantises inside its scope: the operations with 8-bit kernels.  Everything else, even
+# in scope, stays float: NNCF would otherwise also quantise e.g. the input of PatchCore's exact
+# distance recomputation, which shares its tensor with the ranking product.
+INT8_OPS = ("Convolution", "GroupConvolution", "MatMul")
+
+
 def write_openvino(path: Path, onnx_path: Path, metadata: dict, precision: str,
                    calibration: Sequence[np.ndarray] | None = None, int8_scope: Sequence[str] = ()) -> Path:
     """ONNX -> OpenVINO IR (model.xml + .bin) and the JSON sidecar; INT8 through NNCF calibration.
 
-    INT8 quantises only the operations traced from `int8_scope` (module paths; empty = everything):
+    INT8 quantises only the convolutions and matrix products (INT8_OPS) traced from `int8_scope`
+    (module paths; empty = everything), so that a tensor shared with float code stays float there:
     convolutions of a pretrained backbone lose little at 8 bits, whereas distances to a memory bank
     or Mahalanobis distances are differences of large numbers; quantised, PaDiM's collapsed to
     chance level in our tests.  The rest stays float32.
@@ -429,7 +436,7 @@ def write_openvino(path: Path, onnx_path: Path, metadata: dict, precision: str,
             # OpenVINO keeps ONNX node names, suffixed when it splits a node ('node_Conv_7/WithoutBiases');
             # an operation we cannot match stays float (the safe side).
             names = [op.get_friendly_name() for op in model.get_ordered_ops()
-                     if op.get_friendly_name().split("/")[0] not in keep]
+                     if op.get_friendly_name().split("/")[0] not in keep or op.get_type_name() not in INT8_OPS]
             ignored = nncf.IgnoredScope(names=names, validate=False)
         level = nncf.nncf_logger.level
         nncf.set_log_level(logging.ERROR)  # NNCF logs one INFO line per operation it skips

@@ -17,6 +17,10 @@ Deviations from the paper:
 - Mean and covariance are accumulated online (float64 sums), so memory does not grow with the
   number of images; the inverse covariance is stored in float32.
 - The input size is fixed at fit time (the Gaussians are per grid position, as in the paper).
+- Option `shrinkage: oas` estimates each covariance with Oracle Approximating Shrinkage instead
+  of the sample covariance (both + 0.01 I).  Not the default: at 256 px with 60 training images
+  it changed image AUROC by -0.014 on the magnetic tiles, -0.008 grass, +0.040 gravel, -0.006
+  brick, +0.003 flange (pixel AUROC +0.029 on flange, -0.014 on the tiles).
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ from ..backbones import Backbone
 from ..components.blur import upsample_and_blur
 from ..components.gaussian import GaussianAccumulator, mahalanobis
 from ..data.sample import Batch
-from ..errors import STR, AnomalensError, DataError, Interval, ListOf, param_error
+from ..errors import STR, AnomalensError, DataError, Interval, ListOf, OneOf, param_error
 from ..progress import track
 from ..registry import register_model
 from .base import AnomalyModel, AnomalyOutput
@@ -51,6 +55,7 @@ class PaDiM(AnomalyModel):
         "weights": STR,
         "n_features": Interval(int, 1, None),
         "blur_sigma": Interval(float, 0, None),
+        "shrinkage": OneOf("none", "oas"),
         "seed": Interval(int, 0, None),
     }
     defaults = {
@@ -59,6 +64,7 @@ class PaDiM(AnomalyModel):
         "weights": "imagenet",
         "n_features": 100,  # random channel subset size (the paper keeps 100 of 448 for ResNet18)
         "blur_sigma": 4.0,
+        "shrinkage": "none",  # covariance estimate: "none" (sample, the paper) or "oas" (shrunk to a scaled identity)
         "seed": 0,
     }
     tags = {"trainable": False}
@@ -105,7 +111,8 @@ class PaDiM(AnomalyModel):
             raise DataError("PaDiM.fit got no training images; give it at least 2 good images.")
         d = len(self.index)
         self.mean = accumulator.mean().to(torch.float32).reshape(*grid, d)
-        self.inv_cov = accumulator.precision(COVARIANCE_EPS, torch.float32).reshape(*grid, d, d)
+        self.inv_cov = accumulator.precision(COVARIANCE_EPS, torch.float32,
+                                            shrinkage=self.hparams["shrinkage"]).reshape(*grid, d, d)
         return self
 
     def forward(self, images: torch.Tensor) -> AnomalyOutput:
