@@ -44,7 +44,8 @@ def train(model: str, category: str, image_size: int, root: str | None, project:
     return Engine(config).run()
 
 
-def measure(run: Path, batch_size: int, repeats: int, max_seconds: float, threads: int | None) -> list[dict]:
+def measure(run: Path, batch_size: int, repeats: int, max_seconds: float, threads: int | None,
+            rounds: int = 3) -> list[dict]:
     from anomalens.deploy.export import compare_outputs, export, measure_speed, predict_all, split_tensors
     from anomalens.deploy.inferencer import Inferencer
     from anomalens.engine import load_checkpoint
@@ -63,12 +64,12 @@ def measure(run: Path, batch_size: int, repeats: int, max_seconds: float, thread
         artifacts[("openvino", precision)] = export(run, "openvino", precision, onnx=onnx_path, evaluate=False).path
         export_s[f"openvino_{precision}"] = time.perf_counter() - t0
 
-    rows, reference = [], None
+    rows, reference, inferencers = [], None, {}
     for fmt, precision in VARIANTS:
         inferencer = Inferencer.load(artifacts[(fmt, precision)], device="cpu", threads=threads)
+        inferencers[(fmt, precision)] = inferencer
         out = predict_all(inferencer, images, batch_size)
-        speed = measure_speed(inferencer, images, batch_size, repeats, max_seconds)
-        row = {"model": config.model_name, "runtime": fmt, "precision": precision, **speed,
+        row = {"model": config.model_name, "runtime": fmt, "precision": precision,
                "image_auroc": float(auroc(labels, out.score.numpy())),
                "graph_batch": inferencer.batch_size,
                "export_s": export_s.get(fmt if fmt != "openvino" else f"openvino_{precision}")}
@@ -79,9 +80,22 @@ def measure(run: Path, batch_size: int, repeats: int, max_seconds: float, thread
             row.update(parity_ok=parity.ok, max_rel_score_diff=parity.max_rel_score_diff,
                        label_flips=parity.label_flips, mask_flips=parity.mask_flips)
         rows.append(row)
+    # Speed in interleaved rounds, best of each: on a shared machine a neighbour's burst then slows
+    # one round of every runtime instead of all the rounds of one.
+    for _ in range(rounds):
+        for row in rows:
+            speed = measure_speed(inferencers[(row["runtime"], row["precision"])], images, batch_size, repeats,
+                                  max_seconds)
+            if "throughput_ips" not in row:
+                row.update(speed)
+            else:
+                row["throughput_ips"] = max(row["throughput_ips"], speed["throughput_ips"])
+                for key in ("latency_p50_ms", "latency_p95_ms"):
+                    row[key] = min(row[key], speed[key])
+    for row in rows:
         print(json.dumps(row), file=sys.stderr, flush=True)
-        del inferencer
-        gc.collect()
+    inferencers.clear()
+    gc.collect()
     base = rows[0]
     for row in rows:
         row["latency_ratio"] = base["latency_p50_ms"] / row["latency_p50_ms"]  # > 1: faster than torch
@@ -114,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8, help="batch of the throughput measurement")
     parser.add_argument("--repeats", type=int, default=20, help="timed batch-1 calls per runtime")
     parser.add_argument("--max-seconds", type=float, default=20.0, help="time cap per measurement")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds; the best of each is kept")
     parser.add_argument("--threads", type=int, help="CPU threads for every runtime (default: each one's own)")
     parser.add_argument("--out", help="write the rows as JSON here")
     args = parser.parse_args(argv)
@@ -127,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     for model in args.models:
         run = Path(given[model]) if model in given else train(model, args.category, args.image_size, args.demo_root,
                                                                project)
-        rows += measure(run, args.batch_size, args.repeats, args.max_seconds, args.threads)
+        rows += measure(run, args.batch_size, args.repeats, args.max_seconds, args.threads, args.rounds)
     threads = f"{args.threads} thread(s) per runtime" if args.threads else "default threads"
     print(f"CPU: {os.cpu_count()} cores, {threads}; batch {args.batch_size} for throughput; "
           f"{args.category} at {args.image_size} px\n")
