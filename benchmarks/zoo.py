@@ -41,7 +41,7 @@ def model_settings(model: str) -> tuple[dict, dict]:
 
     data = load_yaml(CONFIGS / f"{model}.yaml")
     trainer = {k: v for k, v in data.get("trainer", {}).items()
-               if k in ("max_epochs", "optimizer", "scheduler", "gradient_clip")}
+               if k in ("max_epochs", "batch_size", "optimizer", "scheduler", "gradient_clip")}
     if model in EPOCHS:
         trainer["max_epochs"] = EPOCHS[model]
     return data["model"], trainer

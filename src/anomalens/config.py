@@ -86,6 +86,8 @@ class TrainerConfig:
     device: str = _rule(OneOf("auto", "cpu", "cuda"), "auto")
     max_epochs: int | None = _rule(AnyOf(Interval(int, 1), NONE), None, "epochs")
     max_steps: int | None = _rule(AnyOf(Interval(int, 1), NONE), None, "stop after this many optimiser steps")
+    batch_size: int | None = _rule(AnyOf(Interval(int, 1, 4096), NONE), None,
+                                   "training batch size (default: the model's, else dataset.batch_size)")
     optimizer: dict | None = _rule(AnyOf(DICT, NONE), None, "{name: adam|adamw|sgd, lr, weight_decay, ...}")
     scheduler: dict | None = _rule(AnyOf(DICT, NONE), None, "{name: cosine|step|multistep|exponential, ...}")
     gradient_clip: float | None = _rule(AnyOf(Interval(float, 0, None, "neither"), NONE), None, "max grad norm")

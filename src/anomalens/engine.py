@@ -50,11 +50,12 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def make_loader(records: Sequence[Any], config: Config, shuffle: bool = False) -> DataLoader:
+def make_loader(records: Sequence[Any], config: Config, shuffle: bool = False,
+                batch_size: int | None = None) -> DataLoader:
     from .data.dataset import AnomalyDataset
 
     dataset = AnomalyDataset(records, config.dataset.image_size, skip_bad_images=config.dataset.skip_bad_images)
-    return DataLoader(dataset, batch_size=config.dataset.batch_size, shuffle=shuffle,
+    return DataLoader(dataset, batch_size=batch_size or config.dataset.batch_size, shuffle=shuffle,
                       num_workers=config.dataset.num_workers, collate_fn=Batch.collate)
 
 
@@ -179,7 +180,8 @@ class Engine:
         from .training import Trainer, TrainSettings
 
         settings = TrainSettings.resolve(model.training_defaults, asdict(self.config.trainer))
-        train_batches = OnDevice(make_loader(self.splits.train, self.config, shuffle=True), self.device)
+        loader = make_loader(self.splits.train, self.config, shuffle=True, batch_size=settings.batch_size)
+        train_batches = OnDevice(loader, self.device)
         self.model = model
 
         def validate() -> dict[str, float]:

@@ -49,6 +49,7 @@ class TrainSettings:
 
     max_epochs: int = 10
     max_steps: int | None = None
+    batch_size: int | None = None  # training batches; None: the dataset's batch size
     optimizer: dict[str, Any] = field(default_factory=lambda: {"name": "adam", "lr": 1e-3})
     scheduler: dict[str, Any] | None = None
     gradient_clip: float | None = None
