@@ -319,3 +319,9 @@ def test_export_and_validate_commands(exported, tmp_path, capsys):
     assert "Parity: OK" in out and "Latency, batch 1" in out and "Size on disk" in out
     assert main(["export", "--run", str(run), "--format", "onnx", "--precision", "int8"]) == 2
     assert capsys.readouterr().err.startswith("error: Precision 'int8' is not available for the onnx format")
+    int8 = tmp_path / "int8" / "model.xml"
+    assert main(["export", "--run", str(run), "--format", "openvino", "--precision", "int8", "--onnx", str(onnx_path),
+                 "--out", str(int8)]) == 0
+    out = " ".join(capsys.readouterr().out.split())  # rich wraps long lines
+    assert "8-bit: the convolutions and matrix products of model.patch_search (calibrated on 8 images)" in out
+    assert "Image AUROC on the test split" in out

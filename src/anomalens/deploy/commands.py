@@ -45,6 +45,9 @@ def cmd_export(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     console.print(f"Exported {result.metadata['model']} as {args.format} {args.precision} "
                   f"({'any batch size' if batch is None else f'fixed batch of {batch}'}) in {result.seconds:.1f} s: "
                   f"[bold]{result.path}[/bold]")
+    if "int8_scope" in result.metadata:
+        console.print(f"8-bit: the convolutions and matrix products of {', '.join(result.metadata['int8_scope'])} "
+                      f"(calibrated on {result.metadata['calibration']['images']} images); the rest is float32.")
     if result.evaluation:
         ev = result.evaluation
         console.print(f"Image AUROC on the test split ({ev['n_test']} images): {ev['auroc']:.4f} "
