@@ -87,6 +87,7 @@ def main() -> int:
             reused = peer_rows.get((kind, category, model))
             if reused:
                 rows.append(reused)
+                print(json.dumps(reused), flush=True)
             elif a.peer and model not in NO_PEER and model not in a.skip_peer:
                 extra, _ = PEER_ARGS.get(model, ([], ""))
                 cmd = [str(core.PEER_PYTHON), str(core.PEER), "--model", model, "--root", str(root), "--category",
