@@ -156,6 +156,21 @@ def load_peer_rows(path: str | None) -> dict[tuple[str, str, str], dict]:
     return rows
 
 
+def run_pair(ours_cmd: list[str], peer_cmd: list[str] | None, tags: dict, peer_rows: dict,
+             timeout: float) -> list[dict]:
+    """Our row, then the peer's: reused from an earlier run when `peer_rows` has it, else run when
+    `peer_cmd` is given.  Each row is printed as soon as it is measured."""
+    rows = [run_job(ours_cmd, timeout) | {"library": "anomalens", **tags}]
+    print(json.dumps(rows[0]), flush=True)
+    peer = peer_rows.get((tags["dataset"], tags["category"], tags["model"]))
+    if peer is None and peer_cmd:
+        peer = run_job(peer_cmd, timeout) | {"library": "anomalib", **tags}
+    if peer:
+        rows.append(peer)
+        print(json.dumps(peer), flush=True)
+    return rows
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--one", nargs=3, metavar=("MODEL", "ROOT", "CATEGORY"))
@@ -186,22 +201,12 @@ def main() -> int:
     rows = []
     for root, category, kind in jobs:
         for model in a.models:
-            ours = run_job([sys.executable, __file__, "--one", model, root, category, "--image-size",
-                            str(a.image_size), "--seed", str(a.seed)], a.timeout)
-            ours.update(library="anomalens", model=model, category=category, dataset=kind)
-            rows.append(ours)
-            print(json.dumps(ours), flush=True)
-            reused = peer_rows.get((kind, category, model))
-            if reused:
-                rows.append(reused)
-                print(json.dumps(reused), flush=True)
-            elif a.peer:
-                peer = run_job([str(PEER_PYTHON), str(PEER), "--model", model, "--root", root, "--category", category,
-                                "--image-size", str(a.image_size), "--layers", *LAYERS[model], "--seed", str(a.seed)],
-                               a.timeout)
-                peer.update(library="anomalib", model=model, category=category, dataset=kind)
-                rows.append(peer)
-                print(json.dumps(peer), flush=True)
+            ours = [sys.executable, __file__, "--one", model, root, category, "--image-size", str(a.image_size),
+                    "--seed", str(a.seed)]
+            peer = [str(PEER_PYTHON), str(PEER), "--model", model, "--root", root, "--category", category,
+                    "--image-size", str(a.image_size), "--layers", *LAYERS[model], "--seed", str(a.seed)]
+            rows += run_pair(ours, peer if a.peer else None, dict(model=model, category=category, dataset=kind),
+                             peer_rows, a.timeout)
     with open(a.out, "a") as fh:
         for r in rows:
             fh.write(json.dumps(r) + "\n")

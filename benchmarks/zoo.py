@@ -79,31 +79,23 @@ def main() -> int:
     for root, category, kind in jobs:
         for model in a.models:
             model_cfg, trainer_cfg = model_settings(model)
-            ours = core.run_job([sys.executable, __file__, "--one", model, str(root), category, "--image-size",
-                                 str(a.image_size), "--seed", str(a.seed)], a.timeout)
-            ours.update(library="anomalens", model=model, category=category, dataset=kind)
-            rows.append(ours)
-            print(json.dumps(ours), flush=True)
-            reused = peer_rows.get((kind, category, model))
-            if reused:
-                rows.append(reused)
-                print(json.dumps(reused), flush=True)
-            elif a.peer and model not in NO_PEER and model not in a.skip_peer:
+            peer = None
+            if a.peer and model not in NO_PEER and model not in a.skip_peer:
                 extra, _ = PEER_ARGS.get(model, ([], ""))
-                cmd = [str(core.PEER_PYTHON), str(core.PEER), "--model", model, "--root", str(root), "--category",
-                       category, "--image-size", str(a.image_size), "--seed", str(a.seed), *extra]
+                peer = [str(core.PEER_PYTHON), str(core.PEER), "--model", model, "--root", str(root), "--category",
+                        category, "--image-size", str(a.image_size), "--seed", str(a.seed), *extra]
                 if "layers" in model_cfg and not extra:
-                    cmd += ["--layers", *model_cfg["layers"]]
+                    peer += ["--layers", *model_cfg["layers"]]
                 if "max_epochs" in trainer_cfg:
-                    cmd += ["--max-epochs", str(trainer_cfg["max_epochs"])]
+                    peer += ["--max-epochs", str(trainer_cfg["max_epochs"])]
                 if model in TRAIN_BATCH:
-                    cmd += ["--train-batch-size", str(TRAIN_BATCH[model])]
-                peer = core.run_job(cmd, a.timeout)
-                peer.update(library="anomalib", model=model, category=category, dataset=kind)
-                rows.append(peer)
-                print(json.dumps(peer), flush=True)
+                    peer += ["--train-batch-size", str(TRAIN_BATCH[model])]
+            ours = [sys.executable, __file__, "--one", model, str(root), category, "--image-size", str(a.image_size),
+                    "--seed", str(a.seed)]
+            pair = core.run_pair(ours, peer, dict(model=model, category=category, dataset=kind), peer_rows, a.timeout)
+            rows += pair
             with open(a.out, "a") as fh:  # as we go: a long run that dies keeps what it measured
-                for r in rows[-2:] if rows[-1] is not ours else rows[-1:]:
+                for r in pair:
                     fh.write(json.dumps(r) + "\n")
     core.print_table(rows)
     for model in a.models:

@@ -10,7 +10,7 @@ import torch
 from anomalens import create_model, list_models
 from anomalens.data.sample import Batch
 from anomalens.engine import load_checkpoint, save_checkpoint, seed_everything
-from anomalens.errors import ConfigError
+from anomalens.errors import AnomalensError, ConfigError
 from anomalens.postprocess import PostProcessor
 from anomalens.registry import get_model_class
 
@@ -150,5 +150,5 @@ def test_every_invalid_parameter_raises_the_standard_error(model_name):
 
 def test_predicting_before_fit_is_a_clear_error(model_name):
     model = create_model(model_name, **tiny_params(model_name))
-    with pytest.raises(Exception, match=r"not fitted"):
+    with pytest.raises(AnomalensError, match=r"not fitted"):  # the library's error, not a bare RuntimeError
         model.eval()(textures(1, seed=7))

@@ -23,7 +23,9 @@ MODEL_FLOORS = {
     "dfkde": (0.63, 0.60),  # 0.693 / 0.671
     "dfm": (0.87, 0.78),  # 0.924 / 0.830
     "draem": (0.80, 0.60),  # 0.869 / 0.661 on one thread, 0.914 / 0.855 on two
-    "efficient_ad": (0.85, 0.93),  # 0.909 / 0.980 (training batch 1; 0.823 / 0.916 with batch 16)
+    # Its training is random (crops, jitter, batch-1 order): seeds 42, 1-5 on one thread gave 0.825-0.909 /
+    # 0.964-0.980, seed 42 on two threads 0.818 / 0.955 (0.823 / 0.916 with training batches of 16).
+    "efficient_ad": (0.75, 0.92),
     "fastflow": (0.95, 0.94),  # 1.000 / 0.992
     "ganomaly": (0.56, 0.76),  # 0.626 / 0.830
     "reverse_distillation": (0.80, 0.89),  # 0.866 / 0.953

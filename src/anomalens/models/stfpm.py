@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from ..backbones import Backbone
 from ..components.blur import upsample_and_blur
 from ..data.sample import Batch
-from ..errors import STR, Interval, ListOf
+from ..errors import STR, AnomalensError, Interval, ListOf
 from ..registry import register_model
 from .base import AnomalyModel, AnomalyOutput
 
@@ -87,7 +87,7 @@ class STFPM(AnomalyModel):
 
     def forward(self, images: torch.Tensor) -> AnomalyOutput:
         if not self.fitted:
-            raise RuntimeError("STFPM is not fitted; call fit() first.")
+            raise AnomalensError("STFPM is not fitted; call fit() first.")
         size = images.shape[-2:]
         maps = _distance_maps(self.teacher(images), self.student(images))
         anomaly_map = torch.ones(images.shape[0], 1, *size, device=images.device, dtype=images.dtype)
