@@ -146,13 +146,13 @@ def run_job(cmd: list[str], timeout: float) -> dict:
     return json.loads(lines[-1])
 
 
-def load_peer_rows(path: str | None) -> dict[tuple[str, str, str], dict]:
-    """Peer rows of an earlier run's JSONL, by (dataset, category, model): the peer takes hours, ours minutes."""
+def load_peer_rows(path: str | None) -> dict[tuple, dict]:
+    """Peer rows of an earlier run's JSONL, by (dataset, category, model, seed): the peer takes hours, ours minutes."""
     rows = {}
     for line in Path(path).read_text().splitlines() if path else []:
         row = json.loads(line)
         if row.get("library") == "anomalib" and not row.get("error"):
-            rows[(row["dataset"], row["category"], row["model"])] = row
+            rows[(row["dataset"], row["category"], row["model"], row.get("seed", 42))] = row
     return rows
 
 
@@ -162,7 +162,7 @@ def run_pair(ours_cmd: list[str], peer_cmd: list[str] | None, tags: dict, peer_r
     `peer_cmd` is given.  Each row is printed as soon as it is measured."""
     rows = [run_job(ours_cmd, timeout) | {"library": "anomalens", **tags}]
     print(json.dumps(rows[0]), flush=True)
-    peer = peer_rows.get((tags["dataset"], tags["category"], tags["model"]))
+    peer = peer_rows.get((tags["dataset"], tags["category"], tags["model"], tags["seed"]))
     if peer is None and peer_cmd:
         peer = run_job(peer_cmd, timeout) | {"library": "anomalib", **tags}
     if peer:
@@ -205,8 +205,8 @@ def main() -> int:
                     "--seed", str(a.seed)]
             peer = [str(PEER_PYTHON), str(PEER), "--model", model, "--root", root, "--category", category,
                     "--image-size", str(a.image_size), "--layers", *LAYERS[model], "--seed", str(a.seed)]
-            rows += run_pair(ours, peer if a.peer else None, dict(model=model, category=category, dataset=kind),
-                             peer_rows, a.timeout)
+            rows += run_pair(ours, peer if a.peer else None,
+                             dict(model=model, category=category, dataset=kind, seed=a.seed), peer_rows, a.timeout)
     with open(a.out, "a") as fh:
         for r in rows:
             fh.write(json.dumps(r) + "\n")
@@ -214,15 +214,39 @@ def main() -> int:
     return 0
 
 
+def _summaries(rows: list[dict], library: str) -> dict[tuple, dict]:
+    """One row per (dataset, category, model): the mean over seeds, with the image/pixel AUROC range."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r["library"] == library:
+            groups.setdefault((r["dataset"], r["category"], r["model"]), []).append(r)
+    out = {}
+    for k, group in groups.items():
+        ok = [r for r in group if not r.get("error")]
+        row = {"n": len(ok), "errors": [r["error"] for r in group if r.get("error")], "library": library}
+        for field in ("image_AUROC", "pixel_AUROC", "fit_seconds", "test_images_per_second", "peak_rss_mb"):
+            values = [r[field] for r in ok if r.get(field) is not None]
+            if values:
+                row[field], row[f"{field}_range"] = sum(values) / len(values), (min(values), max(values))
+        out[k] = row
+    return out
+
+
 def print_table(rows: list[dict]) -> None:
-    """Markdown table: ours next to the peer, with speed ratios."""
-    key = lambda r: (r["dataset"], r["category"], r["model"])  # noqa: E731
-    ours = {key(r): r for r in rows if r["library"] == "anomalens"}
-    peer = {key(r): r for r in rows if r["library"] == "anomalib"}
+    """Markdown table: ours next to the peer, with speed ratios.  Several seeds of a row give their
+    mean, and the AUROC columns add the range over seeds in brackets."""
+    ours, peer = _summaries(rows, "anomalens"), _summaries(rows, "anomalib")
     print("\n| data | model | image AUROC ours / peer | pixel AUROC ours / peer | fit s ours / peer (speed-up) "
           "| images/s ours / peer (ratio) | peak RSS MB ours / peer |")
     print("|---|---|---|---|---|---|---|")
-    f = lambda r, k, fmt="{:.3f}": "-" if r is None or r.get(k) is None else fmt.format(r[k])  # noqa: E731
+
+    def f(r: dict | None, k: str, fmt: str = "{:.3f}") -> str:
+        if r is None or r.get(k) is None:
+            return "-"
+        lo, hi = r[f"{k}_range"]
+        spread = f" ({fmt.format(lo)}-{fmt.format(hi)}, {r['n']} seeds)" if r["n"] > 1 and k.endswith("AUROC") else ""
+        return fmt.format(r[k]) + spread
+
     for k, o in ours.items():
         q = peer.get(k)
         speed = f" ({q['fit_seconds'] / o['fit_seconds']:.1f}x)" if q and q.get("fit_seconds") and o.get("fit_seconds") else ""
@@ -234,9 +258,8 @@ def print_table(rows: list[dict]) -> None:
               f"| {f(o, 'test_images_per_second', '{:.1f}')} / {f(q, 'test_images_per_second', '{:.1f}')}{thr} "
               f"| {f(o, 'peak_rss_mb', '{:.0f}')} / {f(q, 'peak_rss_mb', '{:.0f}')} |")
         for r in (o, q):
-            if r and r.get("error"):
-                print(f"|  | error ({r['library']}): {r['error'][:150]} | | | | | |")
-
+            for error in (r or {}).get("errors", []):
+                print(f"|  | error ({r['library']}): {error[:150]} | | | | | |")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -60,7 +60,9 @@ def main() -> int:
     p.add_argument("--skip-peer", nargs="+", default=[], metavar="MODEL",
                    help="models not to run the peer for (its DRAEM takes ~25 min per data set on one core)")
     p.add_argument("--image-size", type=int, default=256)
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--seeds", type=int, nargs="+", default=[42],
+                   help="one run per seed on both sides; the table shows the mean and the range (trained "
+                        "models move with the seed)")
     p.add_argument("--timeout", type=float, default=3600)
     p.add_argument("--out", default=str(HERE / "results" / "zoo.jsonl"))
     a = p.parse_args()
@@ -68,7 +70,7 @@ def main() -> int:
     if a.one:
         model, root, category = a.one
         model_cfg, trainer_cfg = model_settings(model)
-        print(json.dumps(core.run_config(model_cfg, trainer_cfg, root, category, a.image_size, a.seed,
+        print(json.dumps(core.run_config(model_cfg, trainer_cfg, root, category, a.image_size, a.seeds[0],
                                          batch_size=TRAIN_BATCH.get(model, 32))))
         return 0
 
@@ -79,24 +81,26 @@ def main() -> int:
     for root, category, kind in jobs:
         for model in a.models:
             model_cfg, trainer_cfg = model_settings(model)
-            peer = None
-            if a.peer and model not in NO_PEER and model not in a.skip_peer:
-                extra, _ = PEER_ARGS.get(model, ([], ""))
-                peer = [str(core.PEER_PYTHON), str(core.PEER), "--model", model, "--root", str(root), "--category",
-                        category, "--image-size", str(a.image_size), "--seed", str(a.seed), *extra]
-                if "layers" in model_cfg and not extra:
-                    peer += ["--layers", *model_cfg["layers"]]
-                if "max_epochs" in trainer_cfg:
-                    peer += ["--max-epochs", str(trainer_cfg["max_epochs"])]
-                if model in TRAIN_BATCH:
-                    peer += ["--train-batch-size", str(TRAIN_BATCH[model])]
-            ours = [sys.executable, __file__, "--one", model, str(root), category, "--image-size", str(a.image_size),
-                    "--seed", str(a.seed)]
-            pair = core.run_pair(ours, peer, dict(model=model, category=category, dataset=kind), peer_rows, a.timeout)
-            rows += pair
-            with open(a.out, "a") as fh:  # as we go: a long run that dies keeps what it measured
-                for r in pair:
-                    fh.write(json.dumps(r) + "\n")
+            for seed in a.seeds:
+                peer = None
+                if a.peer and model not in NO_PEER and model not in a.skip_peer:
+                    extra, _ = PEER_ARGS.get(model, ([], ""))
+                    peer = [str(core.PEER_PYTHON), str(core.PEER), "--model", model, "--root", str(root), "--category",
+                            category, "--image-size", str(a.image_size), "--seed", str(seed), *extra]
+                    if "layers" in model_cfg and not extra:
+                        peer += ["--layers", *model_cfg["layers"]]
+                    if "max_epochs" in trainer_cfg:
+                        peer += ["--max-epochs", str(trainer_cfg["max_epochs"])]
+                    if model in TRAIN_BATCH:
+                        peer += ["--train-batch-size", str(TRAIN_BATCH[model])]
+                ours = [sys.executable, __file__, "--one", model, str(root), category, "--image-size",
+                        str(a.image_size), "--seeds", str(seed)]
+                tags = dict(model=model, category=category, dataset=kind, seed=seed)
+                pair = core.run_pair(ours, peer, tags, peer_rows, a.timeout)
+                rows += pair
+                with open(a.out, "a") as fh:  # as we go: a long run that dies keeps what it measured
+                    for r in pair:
+                        fh.write(json.dumps(r) + "\n")
     core.print_table(rows)
     for model in a.models:
         note = NO_PEER.get(model) or PEER_ARGS.get(model, (None, ""))[1]
