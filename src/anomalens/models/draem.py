@@ -20,6 +20,9 @@ here: width 8 (16 for the reconstructive network), random 128 px training crops 
 fully convolutional; inference sees the whole image), 20 epochs with lr 1e-3, lr x 0.2 at epochs 16
 and 18.  On a GPU set width: 64, train_crop: 0, trainer.max_epochs: 700,
 trainer.optimizer.lr: 0.0001 and milestones [560, 630].
+At the peer's (paper) widths, lr 1e-4 and 5 epochs of batch 8 on 60 demo brick images at 128 px,
+this implementation gave 0.888 / 0.827 image / pixel AUROC, against anomalib 2.7's 0.791 / 0.657.
+That fit took ~31 CPU-minutes, hence the narrow CPU default.
 
 Deviations from the paper:
 - Anomaly source: the photographs bundled with scikit-image (brick, grass and gravel textures plus
