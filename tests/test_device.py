@@ -9,11 +9,11 @@ import os
 
 import pytest
 import torch
-from test_models_common import MODELS, batches, textures, tiny_params
 
 from anomalens import create_model
 from anomalens.config import config_from_dict
 from anomalens.engine import Engine, seed_everything
+from test_models_common import MODELS, batches, textures, tiny_params
 
 DEVICE = os.environ.get("ANOMALENS_TEST_DEVICE", "cuda")
 needs_device = pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(),

@@ -25,6 +25,13 @@ Deviations from the paper:
   OCBE holds a 3-block ResNet stage; here every stage is `decoder_blocks` / `bottleneck_blocks`
   basic residual blocks (default 1 / 1) so that training fits a CPU.  The decoder stage of level
   k outputs exactly E_k's channels, as in the paper.
+
+Measured alternatives, 60 demo images at 128 px, image / pixel AUROC: two blocks per stage (the
+depth of the peer's ResNet18 decoder) gave flange 0.880-0.902 / 0.932-0.942, like one block, but on brick
+the larger student also rebuilt the defects (0.473-0.793 image AUROC over seeds 42, 1, 2, against
+0.778-0.856 with one block); the official code's cosine loss over whole flattened maps gave flange
+0.819, brick 0.827; training batches of 8 gave flange 0.800, brick 0.869.  Seeds 42, 1, 2, 3 on
+flange, default settings: 0.839-0.904 / 0.934-0.948.
 """
 from __future__ import annotations
 
