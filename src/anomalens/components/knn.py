@@ -73,13 +73,15 @@ def nearest_distances(queries: torch.Tensor, bank: torch.Tensor, k: int = 1,
     mean = bank.mean(0, keepdim=True)
     bank = bank - mean
     b_sq = (bank * bank).sum(1)
-    # -2 b, once: the product then needs no separate scaling pass (exact: a power-of-two factor),
-    # and an exported graph sees a matrix product plus a per-row bias, which runtimes fuse.
-    scaled_bank = bank * -2.0
-    m = bank.shape[0]
+    # Keep -2 b instead of b (in place: no second copy of the bank): the product then needs no
+    # separate scaling pass, and an exported graph sees a matrix product plus a per-row bias,
+    # which OpenVINO fuses into its 8-bit kernel.  Power-of-two factors are exact in floating
+    # point, so 0.5 * (-2 b) below is -b bit for bit.
+    minus_2b = bank.mul_(-2.0)
+    m, dim = minus_2b.shape
     bank_block = max(k, min(m, chunk))  # a bank block alone never exceeds `chunk` rows
     # Query rows per block: bounded by the distance block and by the (rows, k, D) exact recomputation.
-    q_block = max(1, min(chunk // bank_block, chunk // (k * bank.shape[1])))
+    q_block = max(1, min(chunk // bank_block, chunk // (k * dim)))
     out_d = queries.new_empty(queries.shape[0], k)
     out_i = torch.empty(queries.shape[0], k, dtype=torch.long, device=queries.device)
     for qs in range(0, queries.shape[0], q_block):
@@ -89,7 +91,7 @@ def nearest_distances(queries: torch.Tensor, bank: torch.Tensor, k: int = 1,
             # ||b||^2 - 2 a.b ranks the bank like the squared distance (||a||^2 is constant per
             # row and the chosen distances are recomputed exactly below): two passes fewer over
             # the block, and min instead of topk for the common k = 1.
-            d2 = torch.addmm(b_sq[bs:bs + bank_block].unsqueeze(0), q, scaled_bank[bs:bs + bank_block].T)
+            d2 = torch.addmm(b_sq[bs:bs + bank_block].unsqueeze(0), q, minus_2b[bs:bs + bank_block].T)
             if k == 1:
                 d, i = _row_min(d2)
             else:
@@ -99,7 +101,7 @@ def nearest_distances(queries: torch.Tensor, bank: torch.Tensor, k: int = 1,
                 d, pos = torch.cat([best_d, d], 1).topk(k, dim=1, largest=False)
                 i = torch.cat([best_i, i], 1).gather(1, pos)
             best_d, best_i = d, i
-        exact = (q.unsqueeze(1) - bank[best_i]).norm(dim=2)
+        exact = (q.unsqueeze(1) + 0.5 * minus_2b[best_i]).norm(dim=2)  # q - b
         exact, order = exact.sort(dim=1)  # recomputed values may swap near-equal neighbours
         out_d[qs:qs + q_block] = exact
         out_i[qs:qs + q_block] = best_i.gather(1, order)
