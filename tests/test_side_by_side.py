@@ -3,10 +3,8 @@ import json
 import sys
 from pathlib import Path
 
-import pytest
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-core = pytest.importorskip("core")
+import core  # noqa: E402 - benchmarks/core.py, not a package
 
 
 def row(library, seed, image, pixel=None, **extra):
