@@ -261,5 +261,6 @@ def print_table(rows: list[dict]) -> None:
             for error in (r or {}).get("errors", []):
                 print(f"|  | error ({r['library']}): {error[:150]} | | | | | |")
 
+
 if __name__ == "__main__":
     sys.exit(main())

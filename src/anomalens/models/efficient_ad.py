@@ -29,7 +29,7 @@ quantile 0.9: with ~1000 steps, training only the top 0.1 % of the errors leaves
 behind (demo brick at 128 px, image / pixel AUROC: 0.71 / 0.63 at 0.999, 0.81 / 0.80 at 0.99,
 0.84 / 0.87 at 0.9, 0.80 / 0.89 with no mining).  On a GPU set width: 1.0, train_crop: 0,
 hard_quantile: 0.999, distill_steps: 10000, trainer.optimizer.lr: 0.0001 and enough epochs for
-~70 000 images.  At the CPU budget the autoencoder branch is under-trained and adds little.
+~70 000 images.  At the CPU budget the autoencoder branch is under-trained (measured below).
 Why batch 1: with 12 epochs over a few dozen images, batches of 32 leave the student ~24 optimiser
 steps; batch 1 gives one per image for about the same fit time (128 px, 60 training images, image
 / pixel AUROC with batch 32 -> batch 1: demo brick 0.590 / 0.824 -> 0.821 / 0.974, flange
