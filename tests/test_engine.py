@@ -9,6 +9,7 @@ from anomalens.callbacks import Callback
 from anomalens.config import config_from_dict
 from anomalens.deploy.inferencer import Inferencer
 from anomalens.engine import Engine, load_checkpoint
+from anomalens.errors import AnomalensError
 from anomalens.metrics import auroc
 
 
@@ -98,6 +99,42 @@ def test_reloaded_run_reproduces_the_engine_decisions(padim_run):
     expected = {p: s for p, s in zip(engine.test_predictions.path, engine.test_predictions.score, strict=True)}
     for record, score in zip(records, out.score, strict=True):
         assert float(score) == pytest.approx(expected[record.path], rel=1e-5)
+
+
+def test_checkpoint_keeps_every_parameter_so_a_later_default_cannot_change_the_model(padim_run, monkeypatch):
+    from anomalens.models.padim import PaDiM
+
+    _, run_dir, _ = padim_run
+    saved = torch.load(run_dir / "model.pt", weights_only=True)
+    assert saved["format_version"] == 2
+    assert saved["model_params"]["local_colour"] is True and saved["model_params"]["blur_sigma"] == 4.0
+    monkeypatch.setattr(PaDiM, "defaults", {**PaDiM.defaults, "blur_sigma": 1.0, "local_colour": False})
+    _, model, _ = load_checkpoint(run_dir)
+    assert model.hparams["blur_sigma"] == 4.0 and model.hparams["local_colour"] is True
+
+
+def test_format_1_checkpoints_load_with_the_parameters_of_their_time(tiny_demo_root, tmp_path):
+    # Format 1 stored only the parameters the config set, and PaDiM had no colour channels then.
+    data = tiny_config(tiny_demo_root, tmp_path).to_dict()
+    data["model"]["local_colour"] = False
+    engine = Engine(config_from_dict(data))
+    run_dir = engine.run()
+    payload = torch.load(run_dir / "model.pt", weights_only=True)
+    payload["format_version"] = 1
+    del payload["model_params"]
+    payload["config"]["model"] = {"name": "padim", "weights": "none"}  # local_colour was not a key yet
+    torch.save(payload, tmp_path / "old.pt")
+    _, model, _ = load_checkpoint(tmp_path / "old.pt")
+    assert model.hparams["local_colour"] is False
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(images).score, engine.model.cpu().eval()(images).score)
+    # A state that fits no model of this version is one clear error, not a torch traceback.
+    payload["model_state"]["colour_scale"] = torch.ones(())  # a buffer this PaDiM (no colour) does not have
+    torch.save(payload, tmp_path / "bad.pt")
+    with pytest.raises(AnomalensError, match=r"^Checkpoint '.*bad\.pt' \(anomalens .*\) does not fit this "
+                                             r"version's PaDiM: .*Unexpected key\(s\) in state_dict: \"colour_scale\""):
+        load_checkpoint(tmp_path / "bad.pt")
 
 
 def test_run_dirs_are_never_overwritten(tiny_demo_root, tmp_path):

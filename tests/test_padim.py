@@ -105,11 +105,24 @@ def test_fit_stores_the_papers_gaussians(fitted):
     model, train = fitted
     with torch.no_grad():
         emb = model._embed(train).permute(0, 2, 3, 1).double().numpy()  # (N, h, w, D)
-    assert model.mean.shape == (16, 16, 100) and model.inv_cov.shape == (16, 16, 100, 100)
+    # 100 random channels + 3 colour channels
+    assert model.mean.shape == (16, 16, 103) and model.inv_cov.shape == (16, 16, 103, 103)
     for i, j in [(0, 0), (7, 11), (15, 15)]:
-        cov = np.cov(emb[:, i, j], rowvar=False) + 0.01 * np.eye(100)
+        cov = np.cov(emb[:, i, j], rowvar=False) + 0.01 * np.eye(103)
         np.testing.assert_allclose(model.mean[i, j].numpy(), emb[:, i, j].mean(0), rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(model.inv_cov[i, j].double().numpy(), np.linalg.inv(cov), rtol=1e-3, atol=1e-3)
+
+
+def test_colour_channels_are_the_cells_relative_colour_with_a_feature_channels_spread(fitted):
+    model, train = fitted
+    with torch.no_grad():
+        emb = model._embed(train)
+    cells = train.reshape(10, 3, 16, 4, 16, 4).mean(dim=(3, 5)) - train.mean(dim=(2, 3), keepdim=True)
+    torch.testing.assert_close(emb[:, 100:], cells * model.colour_scale, rtol=1e-4, atol=1e-5)
+    first = emb[:4].transpose(0, 1).flatten(1).std(dim=1)  # the scale comes from the first batch (4 images)
+    assert float(first[100:].mean()) == pytest.approx(float(first[:100].mean()), rel=1e-4)
+    plain = create_model("padim", local_colour=False).fit([_batch(train)])
+    assert plain.mean.shape == (16, 16, 100)
 
 
 def test_defect_scores_higher_and_map_peaks_inside_it(fitted):

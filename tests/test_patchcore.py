@@ -51,8 +51,8 @@ def test_defects_score_higher_and_the_map_peaks_inside_the_square(pretrained):
 
 
 def test_shapes_bank_size_and_finite_outputs(pretrained):
-    # 12 images x (64 / 8)^2 patches = 768 patches; 10 % kept; 40 + 112 channels.
-    assert pretrained.memory_bank.shape == (77, 152)
+    # 12 images x (64 / 8)^2 patches = 768 patches; 10 % kept; 40 + 112 channels + 3 colour.
+    assert pretrained.memory_bank.shape == (77, 155)
     with torch.no_grad():
         out = pretrained(textures(3, seed=3))
     assert out.score.shape == (3,) and out.anomaly_map.shape == (3, 1, SIZE, SIZE)
@@ -64,6 +64,7 @@ def test_shapes_bank_size_and_finite_outputs(pretrained):
 # --------------------------------------------------------------------------- maths
 def test_patch_features_are_3x3_means_with_the_deep_level_upsampled():
     model = create_model("patchcore", weights="none").eval()
+    model.colour_scale.fill_(2.5)
     images = textures(1, seed=4)
     with torch.no_grad():
         shallow, deep = model.backbone(images)
@@ -75,8 +76,10 @@ def test_patch_features_are_3x3_means_with_the_deep_level_upsampled():
         return sum(padded[..., i:i + h, j:j + w] for i in range(3) for j in range(3)) / 9
 
     deep = F.interpolate(mean3x3(deep), size=shallow.shape[-2:], mode="bilinear", align_corners=False)
-    expected = torch.cat([mean3x3(shallow), deep], dim=1)
-    assert embedding.shape == (1, 152, 8, 8)
+    # Colour: each 8x8 cell's mean colour minus the image's, scaled, then the same 3x3 mean.
+    cells = images.reshape(1, 3, 8, 8, 8, 8).mean(dim=(3, 5)) - images.mean(dim=(2, 3), keepdim=True)
+    expected = torch.cat([mean3x3(shallow), deep, mean3x3(2.5 * cells)], dim=1)
+    assert embedding.shape == (1, 155, 8, 8)
     torch.testing.assert_close(embedding, expected, rtol=1e-5, atol=1e-6)
 
 
@@ -85,7 +88,7 @@ def test_map_is_the_upsampled_nearest_neighbour_distance():
     images = textures(2, seed=5)
     with torch.no_grad():
         out = model(images)
-        patches = model._embed(images).permute(0, 2, 3, 1).reshape(-1, 152).double()
+        patches = model._embed(images).permute(0, 2, 3, 1).reshape(-1, 155).double()
     nn_dist = torch.cdist(patches, model.memory_bank.double()).min(1).values.view(2, 1, 8, 8)
     expected = F.interpolate(nn_dist, size=(SIZE, SIZE), mode="bilinear", align_corners=False)
     torch.testing.assert_close(out.anomaly_map.double(), expected, rtol=1e-4, atol=1e-4)
@@ -97,7 +100,7 @@ def test_image_score_is_eq_7(k):
     images = textures(3, seed=6)
     with torch.no_grad():
         score = model(images).score.double()
-        patches = model._embed(images).permute(0, 2, 3, 1).reshape(3, 64, 152).double()
+        patches = model._embed(images).permute(0, 2, 3, 1).reshape(3, 64, 155).double()
     bank = model.memory_bank.double()
     for b in range(3):
         dist = torch.cdist(patches[b], bank)  # (64, M)
@@ -117,13 +120,53 @@ def test_bank_rows_are_training_patches():
     train = textures(8, seed=7)
     model = create_model("patchcore", weights="none").fit([train]).eval()
     with torch.no_grad():
-        patches = model._embed(train).permute(0, 2, 3, 1).reshape(-1, 152)
-    assert model.memory_bank.shape == (round(0.1 * len(patches)), 152)
+        patches = model._embed(train).permute(0, 2, 3, 1).reshape(-1, 155)
+    assert model.memory_bank.shape == (round(0.1 * len(patches)), 155)
     assert (model.memory_bank[:, None] == patches[None]).all(2).any(1).all()  # each bank row is a patch, exactly
     full = create_model("patchcore", weights="none", coreset_ratio=1.0)
     full.load_state_dict(model.state_dict(), strict=False)  # same backbone weights
     full.fit([train])
     assert full.memory_bank.shape == patches.shape
+
+
+@pytest.mark.parametrize("weight", [0.5, 2.0])
+def test_colour_columns_get_their_weight_of_an_average_layers_spread(weight):
+    train = textures(8, seed=10)
+    model = create_model("patchcore", weights="none", coreset_ratio=1.0, colour_weight=weight).fit([train]).eval()
+    bank = model.memory_bank.double()  # every training patch, as embedded with the fitted scale
+    with torch.no_grad():
+        torch.testing.assert_close(model._embed(train).permute(0, 2, 3, 1).reshape(-1, 155).double(), bank)
+
+    def spread(columns):  # mean squared distance of the patches to their mean
+        return float((columns - columns.mean(0)).pow(2).sum(1).mean())
+
+    layers = (spread(bank[:, :40]) + spread(bank[:, 40:152])) / 2
+    assert spread(bank[:, 152:]) == pytest.approx(weight**2 * layers, rel=1e-6)
+
+
+def fine_textures(n: int, seed: int) -> torch.Tensor:
+    """Fine grain (2-px noise) under one fixed tint: each 8-px cell's mean colour is nearly constant."""
+    g = torch.Generator().manual_seed(seed)
+    noise = F.interpolate(torch.randn(n, 1, SIZE // 2, SIZE // 2, generator=g), size=(SIZE, SIZE), mode="bilinear")
+    return ((0.45 + 0.12 * noise) * torch.tensor([0.8, 1.0, 0.7]).view(1, 3, 1, 1)).clamp(0, 1)
+
+
+@pytest.mark.parametrize("shift", [0.08, -0.08])
+def test_colour_sees_a_stain_that_keeps_the_texture_and_ignores_overall_brightness(shift):
+    train = [batch(fine_textures(6, 0)), batch(fine_textures(6, 1))]
+    with_colour = create_model("patchcore", colour_weight=0.5).fit(train).eval()
+    plain = create_model("patchcore", colour_weight=0.0).fit(train).eval()
+    normal = fine_textures(8, seed=11)
+    stained = normal.clone()
+    stained[:, :, SQUARE[0], SQUARE[1]] += shift  # paler or darker; the grain unchanged
+    with torch.no_grad():
+        # Relative colour: a uniformly brighter photo has the same colour columns.
+        torch.testing.assert_close(with_colour._embed(normal + 0.05)[:, 152:], with_colour._embed(normal)[:, 152:],
+                                   rtol=0, atol=1e-4)
+        gain = (with_colour(stained).score / with_colour(normal).score).mean()
+        plain_gain = (plain(stained).score / plain(normal).score).mean()
+    # Measured: the stain raises the plain features' scores by ~5 %, with colour (weight 0.5) by 17-26 %.
+    assert plain_gain < 1.1 and gain > plain_gain + 0.08
 
 
 # --------------------------------------------------------------------------- determinism and checkpoints
@@ -167,6 +210,7 @@ def test_fitting_on_nothing_is_a_data_error():
     ("num_neighbors", 0, "an int in [1, inf)"),
     ("neighbourhood", 2, "one of 1, 3, 5, 7, 9"),
     ("blur_sigma", -1.0, "a float in [0, inf)"),
+    ("colour_weight", -0.5, "a float in [0, inf)"),
 ])
 def test_invalid_parameters_raise_the_standard_message(param, value, expected):
     message = f"The '{param}' parameter of PatchCore must be {expected}. Got {value!r} instead."

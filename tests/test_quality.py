@@ -1,9 +1,10 @@
 """Quality floors on the built-in demo data (slow: full 256 px categories, ImageNet backbone).
 
 A model no better than chance is a defect, not a pass.  TARGET holds issue 2's floors.  Where a
-model measured below its target (grass and gravel hide dark stains and colour shifts in natural
-variation that the lite0 features barely separate), the floor is the measured value minus 0.05,
-so a regression still fails, and the gap stays visible here until the model is improved.
+model measured below its target (grass and gravel hide stains, thin scratches and cracks in
+natural variation that the lite0 features barely separate; local colour recovers part of it),
+the floor is the measured value minus 0.05, so a regression still fails, and the gap stays
+visible here until the model is improved.
 """
 import pytest
 
@@ -14,10 +15,10 @@ from anomalens.engine import Engine
 TARGET = {"patchcore": 0.95, "padim": 0.90}
 # (model, category) -> regression floor; measured image / pixel AUROC on demo v2 (refit on) in the comment.
 BELOW_TARGET = {
-    ("padim", "grass"): 0.69,  # 0.737 / 0.861 (0.811 / 0.870 without trainer.refit)
-    ("padim", "gravel"): 0.75,  # 0.806 / 0.875
-    ("patchcore", "grass"): 0.75,  # 0.804 / 0.908
-    ("patchcore", "gravel"): 0.86,  # 0.912 / 0.928
+    ("padim", "grass"): 0.71,  # 0.765 / 0.902 (0.737 / 0.861 without local colour)
+    ("padim", "gravel"): 0.77,  # 0.825 / 0.883 (0.806 / 0.875)
+    ("patchcore", "grass"): 0.80,  # 0.856 / 0.951 (0.804 / 0.908)
+    ("patchcore", "gravel"): 0.86,  # 0.914 / 0.941 (0.912 / 0.928)
 }
 
 

@@ -187,7 +187,8 @@ def test_metadata_and_health(client, inferencer):
     assert meta["model"] == "padim" and meta["input_size"] == [64, 64] and meta["runtime"] == "torch"
     assert meta["image_threshold"] == inferencer.image_threshold
     assert meta["pixel_threshold"] == inferencer.pixel_threshold
-    assert meta["model_params"] == {"weights": "none"}
+    params = meta["model_params"]  # every parameter the model ran with, defaults resolved
+    assert params["weights"] == "none" and params["n_features"] == 100 and params["local_colour"] is True
     assert not {"path", "source", "config"} & set(meta)  # no server file paths leak out
     assert meta["limits"] == {"max_upload_mb": 20.0, "max_concurrency": 2, "max_batch_files": 32,
                               "max_image_pixels": 50_000_000}

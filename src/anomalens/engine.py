@@ -29,7 +29,7 @@ from .data.sample import GOOD, Batch
 from .errors import AnomalensError, ConfigError
 from .models.base import AnomalyModel, AnomalyOutput
 from .progress import track
-from .registry import create_model
+from .registry import create_model, get_model_class
 
 CHECKPOINT_NAME = "model.pt"
 
@@ -87,12 +87,10 @@ class Predictions:
     pred_label: np.ndarray | None = None
 
 
-def build_model(config: Config, for_loading: bool = False) -> AnomalyModel:
-    params = config.model_params
+def build_model(config: Config, for_loading: bool = False, params: dict | None = None) -> AnomalyModel:
+    params = config.model_params if params is None else params
     if for_loading:
         # The checkpoint carries the backbone weights: don't fetch pretrained ones again.
-        from .registry import get_model_class
-
         if "weights" in get_model_class(config.model_name).constraints:
             params = {**params, "weights": "none"}
     return create_model(config.model_name, **params)
@@ -316,9 +314,11 @@ def write_scores_csv(path: Path, preds: Predictions) -> None:
 # --------------------------------------------------------------------------- checkpoints
 def save_checkpoint(path: Path, config: Config, model: AnomalyModel, postprocessor: Any) -> None:
     payload = {
-        "format_version": 1,
+        "format_version": 2,
         "anomalens_version": __version__,
         "config": config.to_dict(),
+        # Every parameter, defaults resolved: a later change of a default must not change a saved model.
+        "model_params": dict(model.hparams),
         "model_state": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "postprocess_state": {k: v.detach().cpu() for k, v in postprocessor.state_dict().items()},
     }
@@ -343,8 +343,17 @@ def load_checkpoint(run_or_file: str | Path, device: str | torch.device = "cpu")
     path = find_checkpoint(run_or_file)
     payload = torch.load(path, map_location="cpu", weights_only=True)
     config = config_from_dict(payload["config"])
-    model = build_model(config, for_loading=True)
-    model.load_state_dict(payload["model_state"])
+    params = payload.get("model_params")
+    if params is None:  # format 1 saved only the parameters the config set; the model says what the rest were
+        legacy = get_model_class(config.model_name).tags.get("format1_params", {})
+        params = {**legacy, **config.model_params}
+    model = build_model(config, for_loading=True, params=params)
+    try:
+        model.load_state_dict(payload["model_state"])
+    except RuntimeError as err:
+        detail = " ".join(str(err).split())
+        raise AnomalensError(f"Checkpoint '{path}' (anomalens {payload.get('anomalens_version', '?')}) does not fit "
+                             f"this version's {type(model).__name__}: {detail}") from None
     postprocessor = PostProcessor()
     postprocessor.load_state_dict(payload["postprocess_state"])
     return config, model.eval().to(device), postprocessor.eval().to(device)

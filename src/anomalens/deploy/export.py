@@ -93,13 +93,15 @@ def as_output(values: Sequence[Any]) -> AnomalyOutput:
 # --------------------------------------------------------------------------- metadata
 def build_metadata(config: Any, postprocessor: Any, fmt: str, precision: str = "fp32",
                    batch_size: int | None = None, source: str | Path | None = None,
-                   tolerance: tuple[float, float] = (PARITY_RTOL, PARITY_ATOL)) -> dict[str, Any]:
+                   tolerance: tuple[float, float] = (PARITY_RTOL, PARITY_ATOL),
+                   model_params: dict[str, Any] | None = None) -> dict[str, Any]:
     """Everything an artifact's user needs to feed it and read its outputs, as plain JSON values."""
     size = config.dataset.image_size
     return {
         "artifact_version": ARTIFACT_VERSION,
         "anomalens_version": __version__,
         "model": config.model_name,
+        "model_params": dict(config.model_params if model_params is None else model_params),  # defaults resolved
         "dataset": config.dataset_name,
         "category": config.dataset.category,
         "input_name": INPUT_NAME,
@@ -124,6 +126,14 @@ def build_metadata(config: Any, postprocessor: Any, fmt: str, precision: str = "
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "config": config.to_dict(),
     }
+
+
+def trained_params(config: Any, model: Any) -> dict[str, Any]:
+    """The model's resolved parameters as trained (loading swaps `weights` for the checkpoint's own)."""
+    params = dict(model.hparams)
+    if "weights" in params:
+        params["weights"] = config.model_params.get("weights", model.defaults.get("weights"))
+    return params
 
 
 def sidecar_path(xml_path: str | Path) -> Path:
@@ -527,16 +537,17 @@ def export(run: str | Path, fmt: str = "onnx", precision: str = "fp32", out: str
     config, model, post = load_checkpoint(checkpoint, "cpu")
     target = _resolve_out(out, run_dir, fmt, precision)
     size = config.dataset.image_size
+    params = trained_params(config, model)
 
     if fmt == "torch":
-        metadata = build_metadata(config, post, fmt, precision, None, run_dir, parity_tolerance(model))
+        metadata = build_metadata(config, post, fmt, precision, None, run_dir, parity_tolerance(model), params)
         write_torch(target, config, model, post, metadata)
     else:
         if onnx is not None and fmt == "openvino":
             program, fixed_batch = None, _reusable_onnx(Path(onnx), post, batch_size)
         else:
             program, fixed_batch = trace(model, post, size, batch_size, fmt)
-        metadata = build_metadata(config, post, fmt, precision, fixed_batch, run_dir, parity_tolerance(model))
+        metadata = build_metadata(config, post, fmt, precision, fixed_batch, run_dir, parity_tolerance(model), params)
         if fmt == "onnx":
             write_onnx(target, program, metadata, model)
         else:

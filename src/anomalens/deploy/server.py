@@ -167,9 +167,10 @@ _PRIVATE_METADATA = ("path", "source", "config")
 def model_metadata(inferencer: Any) -> dict[str, Any]:
     """What a client needs to know about the served model (`inferencer.metadata` minus paths), as JSON values."""
     meta = dict(inferencer.metadata)
-    model_params = {k: v for k, v in (meta.get("config") or {}).get("model", {}).items() if k != "name"}
+    if "model_params" not in meta:  # artifacts written before the resolved parameters were stored
+        meta["model_params"] = {k: v for k, v in (meta.get("config") or {}).get("model", {}).items() if k != "name"}
     meta = {k: v for k, v in meta.items() if k not in _PRIVATE_METADATA}
-    meta.update(model_params=model_params, device=str(getattr(inferencer, "device", "cpu")))
+    meta.update(device=str(getattr(inferencer, "device", "cpu")))
     return _json_value(meta)
 
 

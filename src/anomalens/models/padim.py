@@ -17,6 +17,13 @@ Deviations from the paper:
 - Mean and covariance are accumulated online (float64 sums), so memory does not grow with the
   number of images; the inverse covariance is stored in float32.
 - The input size is fixed at fit time (the Gaussians are per grid position, as in the paper).
+- Local colour (an addition, `local_colour`, on by default): three more channels per patch, its
+  cell's mean colour relative to the image's mean (components/colour.py), scaled on the first
+  training batch to a feature channel's spread.  Pretrained features hardly see a stain that keeps
+  the texture underneath.  Measured at 256 px (image / pixel AUROC, off -> on): demo grass
+  0.737 / 0.861 -> 0.765 / 0.902, brick 0.934 / 0.956 -> 0.968 / 0.982, gravel 0.806 / 0.875 ->
+  0.825 / 0.883, flange 1.000 / 0.991 -> 0.999 / 0.991; magnetic tiles (200 training images)
+  0.910 / 0.736 -> 0.910 / 0.737.
 - Option `shrinkage: oas` estimates each covariance with Oracle Approximating Shrinkage instead
   of the sample covariance (both + 0.01 I).  Not the default: at 256 px with 60 training images
   it changed image AUROC by -0.014 on the magnetic tiles, -0.008 grass, +0.040 gravel, -0.006
@@ -31,6 +38,7 @@ import torch.nn.functional as F
 
 from ..backbones import Backbone
 from ..components.blur import upsample_and_blur
+from ..components.colour import local_colour
 from ..components.gaussian import GaussianAccumulator, mahalanobis
 from ..data.sample import Batch
 from ..errors import STR, AnomalensError, DataError, Interval, ListOf, OneOf, param_error
@@ -56,6 +64,7 @@ class PaDiM(AnomalyModel):
         "n_features": Interval(int, 1, None),
         "blur_sigma": Interval(float, 0, None),
         "shrinkage": OneOf("none", "oas"),
+        "local_colour": OneOf(True, False),
         "seed": Interval(int, 0, None),
     }
     defaults = {
@@ -65,9 +74,11 @@ class PaDiM(AnomalyModel):
         "n_features": 100,  # random channel subset size (the paper keeps 100 of 448 for ResNet18)
         "blur_sigma": 4.0,
         "shrinkage": "none",  # covariance estimate: "none" (sample, the paper) or "oas" (shrunk to a scaled identity)
+        "local_colour": True,  # append each patch's colour relative to the image (components/colour.py)
         "seed": 0,
     }
-    tags = {"trainable": False}
+    # Checkpoints of format 1 (before the resolved parameters were saved) predate local colour.
+    tags = {"trainable": False, "format1_params": {"local_colour": False}}
 
     def __init__(self, **params):
         super().__init__(**params)
@@ -83,6 +94,8 @@ class PaDiM(AnomalyModel):
         # Fitted state, (h, w, D) and (h, w, D, D): the grid shape travels with the checkpoint.
         self.register_buffer("mean", torch.empty(0, 0, 0))
         self.register_buffer("inv_cov", torch.empty(0, 0, 0, 0))
+        if hp["local_colour"]:  # multiplies the colour channels; fit sets it from the first training batch
+            self.register_buffer("colour_scale", torch.ones(()))
 
     @property
     def fitted(self) -> bool:
@@ -94,7 +107,10 @@ class PaDiM(AnomalyModel):
         size = features[0].shape[-2:]
         # Nearest upsampling copies each coarse cell onto the patches it covers, as in the paper.
         features = [f if f.shape[-2:] == size else F.interpolate(f, size=size, mode="nearest") for f in features]
-        return torch.cat(features, dim=1).index_select(1, self.index)
+        embedding = torch.cat(features, dim=1).index_select(1, self.index)
+        if not self.hparams["local_colour"]:
+            return embedding
+        return torch.cat([embedding, local_colour(images, size) * self.colour_scale], dim=1)
 
     @torch.no_grad()
     def fit(self, batches: Iterable[Batch]) -> PaDiM:
@@ -104,16 +120,29 @@ class PaDiM(AnomalyModel):
         grid = None
         for batch in track(batches, "PaDiM: fitting Gaussians"):
             images = batch.image if isinstance(batch, Batch) else batch
+            first = grid is None and self.hparams["local_colour"]
+            if first:
+                self.colour_scale.fill_(1.0)
             embedding = self._embed(images.to(device))
+            if first:
+                self._scale_colour(embedding)
             grid = embedding.shape[-2:]
             accumulator.update(embedding.flatten(2).transpose(1, 2))  # (B, h*w, D)
         if grid is None:
             raise DataError("PaDiM.fit got no training images; give it at least 2 good images.")
-        d = len(self.index)
+        d = embedding.shape[1]
         self.mean = accumulator.mean().to(torch.float32).reshape(*grid, d)
         self.inv_cov = accumulator.precision(COVARIANCE_EPS, torch.float32,
                                             shrinkage=self.hparams["shrinkage"]).reshape(*grid, d, d)
         return self
+
+    def _scale_colour(self, embedding: torch.Tensor) -> None:
+        """Give the colour channels (the last 3, in place) the typical spread of a feature channel,
+        measured on the first batch: the covariance regulariser (0.01 I) is in feature units and
+        would otherwise drown them."""
+        spread = embedding.transpose(0, 1).flatten(1).std(dim=1)
+        self.colour_scale.fill_(float(spread[:-3].mean() / spread[-3:].mean().clamp_min(1e-6)))
+        embedding[:, -3:] *= self.colour_scale  # as _embed will scale every later batch
 
     def forward(self, images: torch.Tensor) -> AnomalyOutput:
         if not self.fitted:

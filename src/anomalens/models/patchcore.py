@@ -20,6 +20,20 @@ Deviations from the paper:
   that would only add size.
 - With num_neighbors = 1 (or a one-feature bank) eq. 7 would give 0 for every image; the score is
   then s* itself.
+- Local colour (an addition, `colour_weight`, default 0.25; 0 turns it off): every patch also
+  carries its cell's mean colour relative to the image's mean (components/colour.py), averaged
+  over the same 3x3 neighbourhood and scaled so that its spread (RMS distance to the mean) is
+  `colour_weight` times an average backbone layer's.  Pretrained features hardly see a stain that keeps the texture
+  underneath (demo grass stains: 0.507 image AUROC).  Measured at 256 px, image / pixel AUROC for
+  weights 0 / 0.25 / 0.5:
+    demo grass      0.804 / 0.908   0.856 / 0.951   0.914 / 0.975
+    demo gravel     0.912 / 0.928   0.914 / 0.941   0.943 / 0.966
+    demo brick      0.991 / 0.975   0.993 / 0.979
+    demo flange     0.971 / 0.967   0.981 / 0.963
+    magnetic tiles  0.911 / 0.799   0.911 / 0.800   0.906 / 0.799   (200 training images)
+    magnetic tiles  0.880 / 0.781   0.874 / 0.782   0.867 / 0.781   (60 training images)
+  The real tiles (greyscale, no colour defects) lose a little as the weight grows, so the default
+  is the weight that left them unchanged; surfaces where stains matter may want 0.5.
 
 Implementation: the coreset is the exact greedy result computed in batches of matrix products
 (components/coreset.py, ~150x faster than anomalib's loop); nearest neighbours are exact and
@@ -28,6 +42,7 @@ and the bank, never with their product.
 """
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable
 
 import torch
@@ -35,6 +50,7 @@ import torch.nn.functional as F
 
 from ..backbones import Backbone
 from ..components.blur import upsample_and_blur
+from ..components.colour import local_colour
 from ..components.coreset import greedy_coreset, random_projection
 from ..components.knn import NearestNeighbours, nearest_distances
 from ..data.sample import Batch
@@ -60,6 +76,7 @@ class PatchCore(AnomalyModel):
         "num_neighbors": Interval(int, 1, None),
         "neighbourhood": OneOf(1, 3, 5, 7, 9),
         "blur_sigma": Interval(float, 0, None),
+        "colour_weight": Interval(float, 0, None),
         "seed": Interval(int, 0, None),
     }
     defaults = {
@@ -71,12 +88,14 @@ class PatchCore(AnomalyModel):
         "num_neighbors": 9,  # b in eq. 7, the bank neighbourhood used to re-weight the image score
         "neighbourhood": 3,  # p, the local aggregation window (odd, so the grid keeps its size)
         "blur_sigma": 4.0,
+        "colour_weight": 0.25,  # weight of the local colour contrast beside an average backbone layer; 0 = off
         "seed": 0,
     }
     # INT8 export quantises only the patch search's ranking product: the chosen neighbours' distances
     # are recomputed in float32, so 8 bits can at worst pick a near-equal neighbour (no AUROC change
     # measured), while the 8-bit backbone's feature noise cost 0.038 image AUROC on demo brick.
-    tags = {"trainable": False, "int8_modules": ["patch_search"]}
+    # Checkpoints of format 1 (before the resolved parameters were saved) predate local colour.
+    tags = {"trainable": False, "int8_modules": ["patch_search"], "format1_params": {"colour_weight": 0.0}}
 
     def __init__(self, **params):
         super().__init__(**params)
@@ -85,6 +104,8 @@ class PatchCore(AnomalyModel):
         self.patch_search = NearestNeighbours()
         # Fitted state (bank size, feature dim): its shape travels with the checkpoint.
         self.register_buffer("memory_bank", torch.empty(0, 0))
+        if hp["colour_weight"] > 0:  # multiplies the colour columns; fit sets it from the training patches
+            self.register_buffer("colour_scale", torch.ones(()))
 
     @property
     def fitted(self) -> bool:
@@ -93,10 +114,15 @@ class PatchCore(AnomalyModel):
     def _embed(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, D, h, w) locally aware patch features on the first layer's grid."""
         p = self.hparams["neighbourhood"]
+        features = self.backbone(images)
+        size = features[0].shape[-2:]
+        if self.hparams["colour_weight"] > 0:
+            features.append(local_colour(images, size))
         # Zero padding counts in the average (as in the authors' code): it damps the border patches,
         # whose features vary most; averaging only the in-grid cells gave worse maps in our tests.
-        features = [F.avg_pool2d(f, p, stride=1, padding=p // 2) for f in self.backbone(images)]
-        size = features[0].shape[-2:]
+        features = [F.avg_pool2d(f, p, stride=1, padding=p // 2) for f in features]
+        if self.hparams["colour_weight"] > 0:  # scaled after pooling, exactly as fit scales the bank
+            features[-1] = features[-1] * self.colour_scale
         features = [f if f.shape[-2:] == size else F.interpolate(f, size=size, mode="bilinear", align_corners=False)
                     for f in features]
         return torch.cat(features, dim=1)
@@ -106,6 +132,8 @@ class PatchCore(AnomalyModel):
         """Pool the patch features of good images, keep a greedy coreset of them as the memory bank."""
         hp = self.hparams
         device = self.memory_bank.device
+        if hp["colour_weight"] > 0:
+            self.colour_scale.fill_(1.0)
         chunks = []  # one (patches, D) block per batch; never concatenated, to keep the peak at ~1x
         for batch in track(batches, "PatchCore: extracting features"):
             images = batch.image if isinstance(batch, Batch) else batch
@@ -113,6 +141,8 @@ class PatchCore(AnomalyModel):
             chunks.append(embedding.permute(0, 2, 3, 1).reshape(-1, embedding.shape[1]).float())
         if not chunks:
             raise DataError("PatchCore.fit got no training images; give it at least 1 good image.")
+        if hp["colour_weight"] > 0:
+            self._weigh_colour(chunks)
         n = sum(len(c) for c in chunks)
         size = max(1, min(n, round(hp["coreset_ratio"] * n)))
         projected = torch.cat([random_projection(c, hp["projection_dim"], hp["seed"]) for c in chunks])
@@ -126,6 +156,21 @@ class PatchCore(AnomalyModel):
             offset += len(c)
         self.memory_bank = torch.cat(bank)
         return self
+
+    def _weigh_colour(self, chunks: list[torch.Tensor]) -> None:
+        """Scale the colour columns (the last 3) in place so that their spread is `colour_weight` times
+        an average backbone layer's; a spread is the root mean squared distance of the patches'
+        columns to their mean."""
+        bounds = torch.tensor([0, *self.backbone.channels, 3]).cumsum(0).tolist()
+        n = sum(len(c) for c in chunks)
+        mean = sum(c.sum(0, dtype=torch.float64) for c in chunks) / n
+        squares = sum((c.double() - mean).pow(2).sum(0) for c in chunks) / n
+        variance = [squares[a:b].sum() for a, b in itertools.pairwise(bounds)]
+        layer_variance = sum(variance[:-1]) / len(variance[:-1])
+        scale = self.hparams["colour_weight"] * (layer_variance / variance[-1].clamp_min(1e-12)).sqrt()
+        for c in chunks:
+            c[:, -3:] *= scale.to(c.dtype)
+        self.colour_scale.fill_(float(scale))
 
     def forward(self, images: torch.Tensor) -> AnomalyOutput:
         if not self.fitted:
