@@ -133,10 +133,15 @@ def check_parity_contract(run, onnx_path, xml_path):
 def check_metadata(run, onnx_path, xml_path, name):
     import onnx
 
-    config, _, post = load_checkpoint(run)
+    config, model, post = load_checkpoint(run)
     for artifact in (onnx_path, xml_path):
         meta = read_metadata(artifact)
         assert meta["model"] == name and meta["input_size"] == [64, 64]
+        # Every parameter the model ran with, defaults resolved, and the weights it was trained from.
+        expected = dict(model.hparams)
+        if "weights" in expected:  # loading swapped them for the checkpoint's own
+            expected["weights"] = config.model_params.get("weights", "imagenet")
+        assert meta["model_params"] == expected
         assert meta["image_threshold"] == float(post.image_threshold)
         assert meta["pixel_threshold"] == float(post.pixel_threshold)
         assert meta["image_scale"] == float(post.image_scale) and meta["pixel_scale"] == float(post.pixel_scale)
