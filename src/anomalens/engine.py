@@ -89,10 +89,13 @@ class Predictions:
 
 def build_model(config: Config, for_loading: bool = False, params: dict | None = None) -> AnomalyModel:
     params = config.model_params if params is None else params
-    if for_loading:
-        # The checkpoint carries the backbone weights: don't fetch pretrained ones again.
-        if "weights" in get_model_class(config.model_name).constraints:
-            params = {**params, "weights": "none"}
+    cls = get_model_class(config.model_name)
+    if for_loading and "weights" in cls.constraints:
+        # The checkpoint carries the backbone weights: don't fetch pretrained ones again, but keep
+        # saying which ones they are (metadata and re-saved checkpoints read hparams).
+        model = create_model(config.model_name, **{**params, "weights": "none"})
+        model.hparams["weights"] = params.get("weights", cls.defaults.get("weights"))
+        return model
     return create_model(config.model_name, **params)
 
 

@@ -128,14 +128,6 @@ def build_metadata(config: Any, postprocessor: Any, fmt: str, precision: str = "
     }
 
 
-def trained_params(config: Any, model: Any) -> dict[str, Any]:
-    """The model's resolved parameters as trained (loading swaps `weights` for the checkpoint's own)."""
-    params = dict(model.hparams)
-    if "weights" in params:
-        params["weights"] = config.model_params.get("weights", model.defaults.get("weights"))
-    return params
-
-
 def sidecar_path(xml_path: str | Path) -> Path:
     """The JSON metadata file next to an OpenVINO model.xml."""
     return Path(xml_path).with_suffix(".json")
@@ -537,17 +529,17 @@ def export(run: str | Path, fmt: str = "onnx", precision: str = "fp32", out: str
     config, model, post = load_checkpoint(checkpoint, "cpu")
     target = _resolve_out(out, run_dir, fmt, precision)
     size = config.dataset.image_size
-    params = trained_params(config, model)
 
     if fmt == "torch":
-        metadata = build_metadata(config, post, fmt, precision, None, run_dir, parity_tolerance(model), params)
+        metadata = build_metadata(config, post, fmt, precision, None, run_dir, parity_tolerance(model), model.hparams)
         write_torch(target, config, model, post, metadata)
     else:
         if onnx is not None and fmt == "openvino":
             program, fixed_batch = None, _reusable_onnx(Path(onnx), post, batch_size)
         else:
             program, fixed_batch = trace(model, post, size, batch_size, fmt)
-        metadata = build_metadata(config, post, fmt, precision, fixed_batch, run_dir, parity_tolerance(model), params)
+        metadata = build_metadata(config, post, fmt, precision, fixed_batch, run_dir, parity_tolerance(model),
+                                  model.hparams)
         if fmt == "onnx":
             write_onnx(target, program, metadata, model)
         else:

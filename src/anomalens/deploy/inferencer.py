@@ -33,7 +33,6 @@ from .export import (
     default_artifact_path,
     parity_tolerance,
     read_metadata,
-    trained_params,
 )
 
 RUNTIMES = ("torch", "onnx", "openvino")
@@ -177,7 +176,7 @@ class Inferencer:
             config, model, post = load_checkpoint(path, dev)
             payload = torch.load(path, map_location="cpu", weights_only=True)
             metadata = payload.get("metadata") or build_metadata(config, post, "torch", "fp32", None, path.parent,
-                                                                 parity_tolerance(model), trained_params(config, model))
+                                                                 parity_tolerance(model), model.hparams)
             engine = TorchRuntime(InferenceGraph(model, post), dev)
         else:
             if dev.type != "cpu" and chosen == "openvino":
