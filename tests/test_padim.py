@@ -71,6 +71,27 @@ def test_oas_shrinkage_matches_scikit_learn():
         acc.covariance(shrinkage="ledoit")
 
 
+def test_pooled_shrinkage_mixes_in_the_covariance_shared_by_all_positions():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(6, 4, 8)) * rng.uniform(0.5, 2, size=(1, 4, 8)) + 20.0  # 6 samples < 8 dims: singular
+    acc = GaussianAccumulator()
+    acc.update(torch.from_numpy(x[:2]))
+    acc.update(torch.from_numpy(x[2:]))
+    per_position = np.stack([np.cov(x[:, p], rowvar=False) for p in range(4)])
+    pooled = per_position.mean(0)
+    np.testing.assert_allclose(acc.pooled_covariance(chunk=3).numpy(), pooled, atol=1e-9)
+    cov = acc.covariance(eps=0.01, shrinkage="pooled", pooled_weight=0.25)
+    inv_cov = acc.precision(eps=0.01, dtype=torch.float64, shrinkage="pooled", pooled_weight=0.25)
+    for p in range(4):
+        expected = 0.75 * per_position[p] + 0.25 * pooled + 0.01 * np.eye(8)
+        np.testing.assert_allclose(cov[p].numpy(), expected, atol=1e-9)
+        np.testing.assert_allclose(inv_cov[p].numpy(), np.linalg.inv(expected), rtol=1e-6, atol=1e-6)
+    # The shared spread fills the directions one position's 6 samples leave empty.
+    assert np.linalg.eigvalsh(per_position[0]).min() < 1e-9 < np.linalg.eigvalsh(cov[0].numpy() - 0.01 * np.eye(8)).min()
+    acc.update(torch.from_numpy(x[:1] + 5.0))  # new data: the cached pooled covariance is recomputed
+    assert not np.allclose(acc.pooled_covariance().numpy(), pooled, atol=1e-3)
+
+
 def test_accumulator_needs_two_samples():
     acc = GaussianAccumulator()
     acc.update(torch.zeros(1, 2, 3))
@@ -111,6 +132,20 @@ def test_fit_stores_the_papers_gaussians(fitted):
         cov = np.cov(emb[:, i, j], rowvar=False) + 0.01 * np.eye(103)
         np.testing.assert_allclose(model.mean[i, j].numpy(), emb[:, i, j].mean(0), rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(model.inv_cov[i, j].double().numpy(), np.linalg.inv(cov), rtol=1e-3, atol=1e-3)
+
+
+def test_pooled_shrinkage_option_reaches_the_fitted_gaussians(fitted):
+    model, train = fitted
+    pooled = create_model("padim", shrinkage="pooled", pooled_weight=0.5).fit([_batch(train[:4]), _batch(train[4:])])
+    with torch.no_grad():
+        emb = pooled._embed(train).permute(0, 2, 3, 1).double().numpy().reshape(10, 256, 103)
+    per_position = np.stack([np.cov(emb[:, p], rowvar=False) for p in (0, 100, 255)])
+    shared = np.mean([np.cov(emb[:, p], rowvar=False) for p in range(256)], axis=0)
+    for k, p in enumerate((0, 100, 255)):
+        expected = 0.5 * per_position[k] + 0.5 * shared + 0.01 * np.eye(103)
+        np.testing.assert_allclose(pooled.inv_cov.reshape(256, 103, 103)[p].double().numpy(), np.linalg.inv(expected),
+                                   rtol=1e-3, atol=1e-3)
+    assert not torch.allclose(pooled.inv_cov, model.inv_cov, atol=1e-2)
 
 
 def test_colour_channels_are_the_cells_relative_colour_with_a_feature_channels_spread(fitted):

@@ -21,6 +21,7 @@ class GaussianAccumulator:
         self.shift: torch.Tensor | None = None  # (P, D)
         self.sum: torch.Tensor | None = None  # (P, D) sum of (x - shift)
         self.outer: torch.Tensor | None = None  # (P, D, D) sum of (x - shift)(x - shift)^T
+        self._pooled: torch.Tensor | None = None  # (D, D) cache of pooled_covariance()
 
     def update(self, x: torch.Tensor) -> None:
         """Add a batch of N samples, x: (N, P, D)."""
@@ -38,25 +39,29 @@ class GaussianAccumulator:
         self.sum += centred.sum(dim=1)
         self.outer += torch.bmm(centred.transpose(1, 2), centred)
         self.count += x.shape[1]
+        self._pooled = None
 
     def mean(self) -> torch.Tensor:
         """Per-position mean (P, D), float64."""
         self._check()
         return self.sum / self.count + self.shift
 
-    def covariance(self, eps: float = 0.01, rows: slice = slice(None), shrinkage: str = "none") -> torch.Tensor:
+    def covariance(self, eps: float = 0.01, rows: slice = slice(None), shrinkage: str = "none",
+                   pooled_weight: float = 0.5) -> torch.Tensor:
         """Covariance + eps * I (P, D, D) of the positions in `rows`, float64.
 
         shrinkage "none": the unbiased sample covariance.  "oas": the Oracle Approximating Shrinkage
         estimate (Chen, Wiesel, Eldar, Hero 2010), the maximum-likelihood covariance pulled towards
         a scaled identity by an amount computed from the data; with about as few samples as
         dimensions (PaDiM: ~100 images, 100 channels per position) the sample covariance's small
-        eigenvalues are mostly noise, and the Mahalanobis distance weights them most.
+        eigenvalues are mostly noise, and the Mahalanobis distance weights them most.  "pooled":
+        (1 - pooled_weight) * the sample covariance + pooled_weight * `pooled_covariance()`, which
+        fills those directions with the spread every position shares instead of a constant.
         """
-        self._check()
-        n, mean_c = self.count, self.sum[rows] / self.count
-        # outer - n * mean mean^T in one fused op, without another (P, D, D) temporary.
-        cov = torch.baddbmm(self.outer[rows], mean_c.unsqueeze(2), mean_c.unsqueeze(1), alpha=-n)
+        if shrinkage not in ("none", "oas", "pooled"):
+            raise ValueError(f"shrinkage must be 'none', 'oas' or 'pooled', got {shrinkage!r}")
+        cov = self._scatter(rows)
+        n = self.count
         if shrinkage == "oas":
             cov.div_(n)
             d = cov.shape[-1]
@@ -65,16 +70,31 @@ class GaussianAccumulator:
             den = (n + 1) * (alpha - mu.pow(2) / d)
             rho = torch.where(den > 0, (alpha + mu.pow(2)) / den.clamp_min(1e-300), torch.ones_like(den)).clamp_max(1)
             cov.mul_((1 - rho)[:, None, None]).diagonal(dim1=-2, dim2=-1).add_((rho * mu)[:, None])
-        elif shrinkage == "none":
-            cov.div_(n - 1)
         else:
-            raise ValueError(f"shrinkage must be 'none' or 'oas', got {shrinkage!r}")
+            cov.div_(n - 1)
+            if shrinkage == "pooled":
+                cov.mul_(1 - pooled_weight).add_(self.pooled_covariance(), alpha=pooled_weight)
         cov.diagonal(dim1=-2, dim2=-1).add_(eps)
         return cov
 
+    def pooled_covariance(self, chunk: int = 512) -> torch.Tensor:
+        """(D, D): the unbiased sample covariance averaged over all positions, float64 (cached)."""
+        if self._pooled is None:
+            positions = self.sum.shape[0]
+            total = sum(self._scatter(slice(s, s + chunk)).sum(0) for s in range(0, positions, chunk))
+            self._pooled = total / (positions * (self.count - 1))
+        return self._pooled
+
+    def _scatter(self, rows: slice) -> torch.Tensor:
+        """Sum of (x - mean)(x - mean)^T (P, D, D) of the positions in `rows`, float64, a new tensor."""
+        self._check()
+        mean_c = self.sum[rows] / self.count
+        # outer - n * mean mean^T in one fused op, without another (P, D, D) temporary.
+        return torch.baddbmm(self.outer[rows], mean_c.unsqueeze(2), mean_c.unsqueeze(1), alpha=-self.count)
+
     def precision(self, eps: float = 0.01, dtype: torch.dtype = torch.float32, chunk: int = 512,
-                  shrinkage: str = "none") -> torch.Tensor:
-        """Inverse of `covariance(eps, shrinkage=shrinkage)` (P, D, D) in `dtype`.
+                  shrinkage: str = "none", pooled_weight: float = 0.5) -> torch.Tensor:
+        """Inverse of `covariance(eps, ..., shrinkage, pooled_weight)` (P, D, D) in `dtype`.
 
         Inverted in float64, `chunk` positions at a time, so the peak memory stays near the size of
         the running sums instead of several float64 (P, D, D) copies.
@@ -83,7 +103,7 @@ class GaussianAccumulator:
         inv_cov = torch.empty(positions, d, d, dtype=dtype, device=self.sum.device)
         for start in range(0, positions, chunk):
             rows = slice(start, start + chunk)
-            inv_cov[rows] = torch.linalg.inv(self.covariance(eps, rows, shrinkage)).to(dtype)
+            inv_cov[rows] = torch.linalg.inv(self.covariance(eps, rows, shrinkage, pooled_weight)).to(dtype)
         return inv_cov
 
     def _check(self) -> None:

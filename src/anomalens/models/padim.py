@@ -28,6 +28,21 @@ Deviations from the paper:
   of the sample covariance (both + 0.01 I).  Not the default: at 256 px with 60 training images
   it changed image AUROC by -0.014 on the magnetic tiles, -0.008 grass, +0.040 gravel, -0.006
   brick, +0.003 flange (pixel AUROC +0.029 on flange, -0.014 on the tiles).
+- Option `shrinkage: pooled` mixes each position's sample covariance with the covariance averaged
+  over all positions: (1 - pooled_weight) S_ij + pooled_weight S_pooled (+ 0.01 I).  With fewer
+  images than channels, S_ij is singular and the 0.01 I regulariser alone turns its empty
+  directions into noise that every patch carries; the pooled covariance fills them with the
+  spread the features really have.  It suits stochastic textures and hurt the real tiles, so it
+  is not the default.  Image / pixel AUROC at 256 px, none -> pooled 0.5 (0.1 / 0.25 in brackets):
+    demo grass      0.765 / 0.902 -> 0.937 / 0.970   (0.904, 0.920)
+    demo gravel     0.825 / 0.883 -> 0.888 / 0.917   (0.863)
+    demo brick      0.968 / 0.982 -> 1.000 / 0.997
+    demo flange     0.999 / 0.991 -> 0.999 / 0.989
+    magnetic tiles  0.884 / 0.733 -> 0.862 / 0.730   (0.875)          60 training images
+    magnetic tiles  0.910 / 0.737 -> 0.889 / 0.732   (0.906, 0.901)   200 training images
+    magnetic tiles  0.955 / 0.748 -> (0.948 / 0.746 at 0.1)           all 761
+  Held-out likelihood of good patches preferred weights of 0.75-0.9 on every set, the tiles too,
+  so it cannot choose the weight for anomaly detection.
 """
 from __future__ import annotations
 
@@ -63,7 +78,8 @@ class PaDiM(AnomalyModel):
         "weights": STR,
         "n_features": Interval(int, 1, None),
         "blur_sigma": Interval(float, 0, None),
-        "shrinkage": OneOf("none", "oas"),
+        "shrinkage": OneOf("none", "oas", "pooled"),
+        "pooled_weight": Interval(float, 0, 1),
         "local_colour": OneOf(True, False),
         "seed": Interval(int, 0, None),
     }
@@ -73,7 +89,8 @@ class PaDiM(AnomalyModel):
         "weights": "imagenet",
         "n_features": 100,  # random channel subset size (the paper keeps 100 of 448 for ResNet18)
         "blur_sigma": 4.0,
-        "shrinkage": "none",  # covariance estimate: "none" (sample, the paper) or "oas" (shrunk to a scaled identity)
+        "shrinkage": "none",  # covariance: "none" (sample, the paper), "oas" (towards a scaled identity), "pooled"
+        "pooled_weight": 0.5,  # with shrinkage "pooled": the share of the covariance every position shares
         "local_colour": True,  # append each patch's colour relative to the image (components/colour.py)
         "seed": 0,
     }
@@ -133,7 +150,8 @@ class PaDiM(AnomalyModel):
         d = embedding.shape[1]
         self.mean = accumulator.mean().to(torch.float32).reshape(*grid, d)
         self.inv_cov = accumulator.precision(COVARIANCE_EPS, torch.float32,
-                                            shrinkage=self.hparams["shrinkage"]).reshape(*grid, d, d)
+                                            shrinkage=self.hparams["shrinkage"],
+                                            pooled_weight=self.hparams["pooled_weight"]).reshape(*grid, d, d)
         return self
 
     def _scale_colour(self, embedding: torch.Tensor) -> None:
