@@ -70,6 +70,7 @@ def measure(run: Path, batch_size: int, repeats: int, max_seconds: float, thread
         inferencers[(fmt, precision)] = inferencer
         out = predict_all(inferencer, images, batch_size)
         row = {"model": config.model_name, "runtime": fmt, "precision": precision,
+               "inference_precision": inferencer.metadata.get("inference_precision", "f32"),
                "image_auroc": float(auroc(labels, out.score.numpy())),
                "graph_batch": inferencer.batch_size,
                "export_s": export_s.get(fmt if fmt != "openvino" else f"openvino_{precision}")}
@@ -112,7 +113,9 @@ def table(rows: list[dict]) -> str:
         parity = "reference" if r["runtime"] == "torch" else (
             ("ok" if r["parity_ok"] else "FAILED") if r["precision"] == "fp32" else
             f"n/a (max rel. diff {r['max_rel_score_diff']:.1e})")
-        lines.append(f"| {r['model']} | {r['runtime']} | {r['precision']} | {r['latency_p50_ms']:.1f} | "
+        # INT8 of a backbone computes what it leaves float in bf16 (on AMX / AVX512-BF16 CPUs).
+        precision = r["precision"] + (" (+bf16)" if r["precision"] == "int8" and r["inference_precision"] == "bf16" else "")
+        lines.append(f"| {r['model']} | {r['runtime']} | {precision} | {r['latency_p50_ms']:.1f} | "
                      f"{r['latency_ratio']:.2f}x | {r['throughput_ips']:.1f} | {r['throughput_ratio']:.2f}x | "
                      f"{r['image_auroc']:.4f} | {r['auroc_drop']:+.4f} | {parity} |")
     return "\n".join(lines)

@@ -46,8 +46,11 @@ def cmd_export(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
                   f"({'any batch size' if batch is None else f'fixed batch of {batch}'}) in {result.seconds:.1f} s: "
                   f"[bold]{result.path}[/bold]")
     if "int8_scope" in result.metadata:
-        console.print(f"8-bit: the convolutions and matrix products of {', '.join(result.metadata['int8_scope'])} "
-                      f"(calibrated on {result.metadata['calibration']['images']} images); the rest is float32.")
+        rest = ("bfloat16 on CPUs with AMX / AVX512-BF16, else float32" if result.metadata["inference_precision"] == "bf16"
+                else "float32")
+        console.print(f"8-bit: the convolutions (except depthwise ones) and matrix products of "
+                      f"{', '.join(result.metadata['int8_scope'])} (calibrated on "
+                      f"{result.metadata['calibration']['images']} images); the rest is {rest}.")
     if result.evaluation:
         ev = result.evaluation
         console.print(f"Image AUROC on the test split ({ev['n_test']} images): {ev['auroc']:.4f} "

@@ -82,7 +82,8 @@ class OpenVinoRuntime:
     """An OpenVINO IR (.xml) or ONNX file compiled for the CPU with an explicit inference precision.
 
     Recent Intel CPUs (AMX, AVX512-BF16) compute in bf16 by default, which moves scores by ~1e-2;
-    the artifact's `inference_precision` ("f32") is set explicitly.  One infer request per thread,
+    the artifact's `inference_precision` is set explicitly ("f32"; "bf16" for bf16 artifacts and for
+    what a backbone-wide INT8 leaves float).  One infer request per thread,
     so a server may call predict from several threads.
     """
 
