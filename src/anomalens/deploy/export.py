@@ -44,8 +44,8 @@ FORMATS = ("torch", "onnx", "openvino")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 # Which precisions each format offers: torch and ONNX Runtime run on float32 here.  OpenVINO:
 # fp16 stores weights in half precision (computed in float32), bf16 computes in bfloat16 on CPUs
-# with AMX / AVX512-BF16 (float32 elsewhere), int8 quantises the backbone with NNCF (see int8_precision
-# for what stays float).
+# with AMX / AVX512-BF16 (float32 elsewhere), int8 quantises with NNCF what int8_scopes names (by
+# default the backbone; int8_precision says how what stays float is computed).
 # Only fp32 is held to the parity contract; the others report their AUROC change on export.
 FORMAT_PRECISIONS = {"torch": ("fp32",), "onnx": ("fp32",), "openvino": PRECISIONS}
 INPUT_NAME = "images"
