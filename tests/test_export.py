@@ -363,3 +363,33 @@ def test_export_and_validate_commands(exported, tmp_path, capsys):
     assert ("8-bit: the convolutions (except depthwise ones) and matrix products of model.patch_search "
             "(calibrated on 8 images); the rest is float32.") in out
     assert "Image AUROC on the test split" in out
+
+
+def test_export_in_a_fresh_process(exported, tmp_path):
+    """`anomalens export` as a user runs it: a new process that never ran the model eagerly, so nothing
+    computed by an earlier forward (cached blur matrices, say) can hide an untraceable line."""
+    import subprocess
+    import sys
+
+    run = exported[FAST][0]
+    code = "import sys; from anomalens.cli import main; sys.exit(main(sys.argv[1:]))"
+    done = subprocess.run([sys.executable, "-c", code, "export", "--run", str(run), "--format", "onnx",
+                           "--out", str(tmp_path / "m.onnx")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "m.onnx").is_file()
+
+
+def test_float_graphs_fold_the_bank_norms_into_the_product_and_int8_keeps_them_apart(exported):
+    """PatchCore's ranking product: one matrix product with the norms as a column for float runtimes,
+    product plus bias for INT8 (which fuses it); both forms give the eager model's outputs."""
+    run = exported[FAST][0]
+    _, model, post = load_checkpoint(run)
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    reference = model(images)
+    for int8, addmm in ((False, 0), (True, 2)):  # INT8: the patch search and the image score's search
+        program, _ = trace(model, post, 64, batch_size=2, int8=int8)
+        ops = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
+        assert ops.count("aten.addmm.default") == addmm
+        score, anomaly_map = program.module()(images)[:2]
+        torch.testing.assert_close(score, reference.score, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(anomaly_map, reference.anomaly_map, rtol=1e-4, atol=1e-4)

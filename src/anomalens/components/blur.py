@@ -11,10 +11,14 @@ import torch.nn.functional as F
 
 def gaussian_kernel1d(sigma: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Normalised 1-D Gaussian; radius 4 sigma keeps the truncation error below 1e-4."""
+    return torch.from_numpy(_kernel(float(sigma))).to(dtype)
+
+
+def _kernel(sigma: float) -> np.ndarray:
+    # numpy, not torch: under torch.export every torch tensor is traced, and .numpy() on it fails.
     radius = max(1, math.ceil(4.0 * sigma))
-    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    k = torch.exp(-0.5 * (x / sigma) ** 2)
-    return (k / k.sum()).to(dtype)
+    k = np.exp(-0.5 * (np.arange(-radius, radius + 1, dtype=np.float64) / sigma) ** 2)
+    return k / k.sum()
 
 
 def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -60,7 +64,7 @@ def _axis_operator(n: int, size: int, sigma: float) -> np.ndarray:
         resize[i, min(i0 + 1, n - 1)] += frac
     if sigma <= 0:
         return resize
-    k = gaussian_kernel1d(sigma, torch.float64).numpy()
+    k = _kernel(sigma)
     r = k.size // 2
     pad = min(r, size - 1)
     k = k[r - pad: r + pad + 1] / k[r - pad: r + pad + 1].sum()

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from .. import __version__
+from ..components.knn import norms_as_bias
 from ..errors import AnomalensError, ConfigError, DataError, missing_dependency
 from ..models.base import AnomalyOutput
 
@@ -124,6 +125,7 @@ def build_metadata(config: Any, postprocessor: Any, fmt: str, precision: str = "
         "normalisation": "rational sigmoid, threshold -> 0.5 (anomalens.postprocess)",
         "format": fmt,
         "precision": precision,
+        "int8_graph": precision == "int8",  # traced in the form INT8 quantisation expects (see trace)
         # OpenVINO on CPUs with AMX/AVX512-BF16 would silently compute in bf16: we pin f32 (int8: export
         # sets it, see int8_precision).
         "inference_precision": "bf16" if precision == "bf16" else "f32",
@@ -272,8 +274,11 @@ def _export_error(model: nn.Module, fmt: str, exc: BaseException, stage: str) ->
 
 
 def trace(model: nn.Module, postprocessor: nn.Module, image_size: int, batch_size: int | None = None,
-          fmt: str = "onnx") -> tuple[Any, int | None]:
+          fmt: str = "onnx", int8: bool = False) -> tuple[Any, int | None]:
     """torch.export the InferenceGraph; returns (ExportedProgram, batch_size: None when any batch works).
+
+    int8: trace the graph that INT8 quantisation expects (nearest-neighbour norms as a separate
+    bias, see components/knn.py); float graphs fold them into their product.
 
     With batch_size None we ask for a dynamic batch; a model whose forward depends on the batch
     size (PatchCore's nearest-neighbour search is chunked by the number of patches) gets it fixed
@@ -288,7 +293,7 @@ def trace(model: nn.Module, postprocessor: nn.Module, image_size: int, batch_siz
     def run(batch: int, dynamic: bool):
         example = torch.rand(batch, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
         shapes = {"images": {0: torch.export.Dim.AUTO}} if dynamic else None
-        with _quiet(), torch.no_grad():
+        with _quiet(), torch.no_grad(), norms_as_bias(int8):
             return torch.export.export(graph, (example,), dynamic_shapes=shapes, strict=False)
 
     try:
@@ -554,10 +559,11 @@ def export(run: str | Path, fmt: str = "onnx", precision: str = "fp32", out: str
         metadata = build_metadata(config, post, fmt, precision, None, run_dir, parity_tolerance(model), model.hparams)
         write_torch(target, config, model, post, metadata)
     else:
-        if onnx is not None and fmt == "openvino":
+        int8 = precision == "int8"
+        if onnx is not None and fmt == "openvino" and read_metadata(onnx).get("int8_graph", False) == int8:
             program, fixed_batch = None, _reusable_onnx(Path(onnx), post, batch_size)
-        else:
-            program, fixed_batch = trace(model, post, size, batch_size, fmt)
+        else:  # no ONNX given, or one traced for the other graph form: trace again
+            program, fixed_batch = trace(model, post, size, batch_size, fmt, int8)
         metadata = build_metadata(config, post, fmt, precision, fixed_batch, run_dir, parity_tolerance(model),
                                   model.hparams)
         if fmt == "onnx":
