@@ -114,9 +114,10 @@ def test_checkpoint_keeps_every_parameter_so_a_later_default_cannot_change_the_m
 
 
 def test_format_1_checkpoints_load_with_the_parameters_of_their_time(tiny_demo_root, tmp_path):
-    # Format 1 stored only the parameters the config set, and PaDiM had no colour channels then.
+    # Format 1 stored only the parameters the config set; PaDiM had no colour channels then and
+    # scored an image by its map's maximum.
     data = tiny_config(tiny_demo_root, tmp_path).to_dict()
-    data["model"]["local_colour"] = False
+    data["model"].update(local_colour=False, score_share=0.0)
     engine = Engine(config_from_dict(data))
     run_dir = engine.run()
     payload = torch.load(run_dir / "model.pt", weights_only=True)
@@ -125,7 +126,7 @@ def test_format_1_checkpoints_load_with_the_parameters_of_their_time(tiny_demo_r
     payload["config"]["model"] = {"name": "padim", "weights": "none"}  # local_colour was not a key yet
     torch.save(payload, tmp_path / "old.pt")
     _, model, _ = load_checkpoint(tmp_path / "old.pt")
-    assert model.hparams["local_colour"] is False
+    assert model.hparams["local_colour"] is False and model.hparams["score_share"] == 0.0
     images = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(model(images).score, engine.model.cpu().eval()(images).score)
@@ -135,6 +136,20 @@ def test_format_1_checkpoints_load_with_the_parameters_of_their_time(tiny_demo_r
     with pytest.raises(AnomalensError, match=r"^Checkpoint '.*bad\.pt' \(anomalens .*\) does not fit this "
                                              r"version's PaDiM: .*Unexpected key\(s\) in state_dict: \"colour_scale\""):
         load_checkpoint(tmp_path / "bad.pt")
+
+
+def test_a_parameter_added_after_a_checkpoint_takes_the_value_of_its_time(padim_run, tmp_path):
+    # PaDiM's score_share came after format 2: a checkpoint without it scored by the map's maximum.
+    _, run_dir, _ = padim_run
+    payload = torch.load(run_dir / "model.pt", weights_only=True)
+    assert payload["model_params"]["score_share"] == 0.01
+    del payload["model_params"]["score_share"]
+    torch.save(payload, tmp_path / "older.pt")
+    _, model, _ = load_checkpoint(tmp_path / "older.pt")
+    assert model.hparams["score_share"] == 0.0
+    with torch.no_grad():
+        out = model(torch.rand(2, 3, 64, 64))
+    torch.testing.assert_close(out.score, out.anomaly_map.amax(dim=(1, 2, 3)))
 
 
 def test_run_dirs_are_never_overwritten(tiny_demo_root, tmp_path):

@@ -170,16 +170,31 @@ def test_defect_scores_higher_and_map_peaks_inside_it(fitted):
     assert out.score.shape == (4,) and out.anomaly_map.shape == (4, 1, SIZE, SIZE)
     assert torch.isfinite(out.anomaly_map).all() and (out.anomaly_map >= 0).all()
     assert out.score[3] > out.score[:3].max()
-    # The score is the map's maximum, and the defect image's peak lies inside the square.
-    torch.testing.assert_close(out.score, out.anomaly_map.flatten(1).amax(1))
+    # The score is the mean of the map's top 1 % of 4x4 cell averages (3 of 256), and the defect
+    # image's peak lies inside the square.
+    cells = out.anomaly_map.numpy().reshape(4, 16, 4, 16, 4).mean(axis=(2, 4)).reshape(4, -1)
+    top = np.sort(cells, axis=1)[:, -3:].mean(axis=1)
+    np.testing.assert_allclose(out.score.numpy(), top, rtol=1e-6)
     row, col = divmod(int(out.anomaly_map[3, 0].argmax()), SIZE)
     assert SQUARE[0].start <= row < SQUARE[0].stop and SQUARE[1].start <= col < SQUARE[1].stop
+
+
+def test_score_share_zero_is_the_papers_maximum_and_one_the_maps_mean(fitted):
+    model, _ = fitted
+    images = torch.cat([_textures(1, seed=6), torch.rand(1, 3, SIZE, SIZE)])
+    state = model.state_dict()
+    for share, reduce in ((0.0, lambda m: m.amax(1)), (1.0, lambda m: m.mean(1))):  # the cells' mean is the map's
+        other = create_model("padim", score_share=share)
+        other.load_state_dict(state)
+        with torch.no_grad():
+            out = other(images)
+        torch.testing.assert_close(out.score, reduce(out.anomaly_map.flatten(1)))
 
 
 def test_state_dict_round_trip_gives_identical_outputs(fitted):
     model, _ = fitted
     images = _textures(2, seed=5)
-    fresh = create_model("padim")
+    fresh = create_model("padim", seed=99)  # another channel subset: the loaded one must replace it everywhere
     fresh.load_state_dict(model.state_dict())
     with torch.no_grad():
         a, b = model(images), fresh(images)

@@ -15,8 +15,8 @@ from anomalens.engine import Engine
 TARGET = {"patchcore": 0.95, "padim": 0.90}
 # (model, category) -> regression floor; measured image / pixel AUROC on demo v2 (refit on) in the comment.
 BELOW_TARGET = {
-    ("padim", "grass"): 0.71,  # 0.765 / 0.902 (0.737 / 0.861 without local colour)
-    ("padim", "gravel"): 0.77,  # 0.825 / 0.883 (0.806 / 0.875)
+    ("padim", "grass"): 0.76,  # 0.811 / 0.902 (0.765 with the map's maximum as score; 0.737 / 0.861 without local colour)
+    ("padim", "gravel"): 0.79,  # 0.841 / 0.883 (0.825; 0.806 / 0.875)
     ("patchcore", "grass"): 0.80,  # 0.856 / 0.951 (0.804 / 0.908)
     ("patchcore", "gravel"): 0.86,  # 0.914 / 0.941 (0.912 / 0.928)
 }
@@ -49,7 +49,7 @@ def test_demo_quality_floor(model, category, tmp_path):
 
 @pytest.mark.slow
 def test_padim_pooled_shrinkage_reaches_the_floor_on_grass(tmp_path):
-    """The texture option: measured 0.937 / 0.970 (0.765 / 0.902 with the paper's covariance)."""
+    """The texture option: measured 0.941 / 0.970 (0.811 / 0.902 with the paper's covariance)."""
     m = _demo_metrics({"name": "padim", "shrinkage": "pooled"}, "grass", tmp_path)
     assert m["image_AUROC"] >= TARGET["padim"]
     assert m["pixel_AUROC"] >= TARGET["padim"]

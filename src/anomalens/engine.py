@@ -346,10 +346,11 @@ def load_checkpoint(run_or_file: str | Path, device: str | torch.device = "cpu")
     path = find_checkpoint(run_or_file)
     payload = torch.load(path, map_location="cpu", weights_only=True)
     config = config_from_dict(payload["config"])
-    params = payload.get("model_params")
-    if params is None:  # format 1 saved only the parameters the config set; the model says what the rest were
-        legacy = get_model_class(config.model_name).tags.get("format1_params", {})
-        params = {**legacy, **config.model_params}
+    # The resolved parameters (format 1 saved only those the config set); a parameter the checkpoint
+    # predates takes the value the model ran with before it existed (tag legacy_params).
+    saved = payload.get("model_params")
+    saved = config.model_params if saved is None else saved
+    params = {**get_model_class(config.model_name).tags.get("legacy_params", {}), **saved}
     model = build_model(config, for_loading=True, params=params)
     try:
         model.load_state_dict(payload["model_state"])

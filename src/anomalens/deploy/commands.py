@@ -48,7 +48,8 @@ def cmd_export(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     if "int8_scope" in result.metadata:
         rest = ("bfloat16 on CPUs with AMX / AVX512-BF16, else float32" if result.metadata["inference_precision"] == "bf16"
                 else "float32")
-        console.print(f"8-bit: the convolutions (except depthwise ones) and matrix products of "
+        console.print(f"8-bit: the convolutions (except depthwise ones and those under 64 input channels) and "
+                      f"matrix products of "
                       f"{', '.join(result.metadata['int8_scope'])} (calibrated on "
                       f"{result.metadata['calibration']['images']} images); the rest is {rest}.")
     if result.evaluation:

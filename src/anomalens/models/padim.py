@@ -8,7 +8,7 @@ finest level's grid and concatenated into one embedding per patch; a random subs
 is kept.  Each grid position (i, j) gets a Gaussian N(mu_ij, Sigma_ij) with Sigma regularised by
 0.01 I.  At test time the anomaly map is the Mahalanobis distance of each patch embedding to
 its position's Gaussian, upsampled (bilinear) to the input size and smoothed (Gaussian, sigma 4);
-the image score is the map's maximum.  Nothing is trained; `fit` is a single pass.
+the paper's image score is the map's maximum.  Nothing is trained; `fit` is a single pass.
 
 Deviations from the paper:
 - Backbone: EfficientNet-Lite0 (blocks.1/2/4: 24 + 40 + 112 = 176 channels at strides 4/8/16)
@@ -43,9 +43,17 @@ Deviations from the paper:
     magnetic tiles  0.955 / 0.748 -> (0.948 / 0.746 at 0.1)           all 761
   Held-out likelihood of good patches preferred weights of 0.75-0.9 on every set, the tiles too,
   so it cannot choose the weight for anomaly detection.
+- Image score (`score_share`, default 0.01): the mean of the map's highest 1 % (of its 4x4-pixel
+  cell averages) instead of its maximum (`score_share: 0`).  With ~100 images per position the Mahalanobis distance of a
+  single patch is noisy, and the maximum of a good image often lands on such a noise peak; the
+  top 1 % (a 26x26 px area at 256 px) averages it out while a defect of that size still fills it.
+  Image AUROC at 256 px, maximum -> top 1 % (pixel maps unchanged): demo brick 0.968 -> 0.986,
+  grass 0.766 -> 0.811, gravel 0.825 -> 0.841, flange 0.999 -> 0.999; magnetic tiles
+  0.884 -> 0.894 (60 training images), 0.910 -> 0.917 (200), 0.955 -> 0.957 (all 761).
 """
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable
 
 import torch
@@ -78,6 +86,7 @@ class PaDiM(AnomalyModel):
         "weights": STR,
         "n_features": Interval(int, 1, None),
         "blur_sigma": Interval(float, 0, None),
+        "score_share": Interval(float, 0, 1),
         "shrinkage": OneOf("none", "oas", "pooled"),
         "pooled_weight": Interval(float, 0, 1),
         "local_colour": OneOf(True, False),
@@ -89,13 +98,14 @@ class PaDiM(AnomalyModel):
         "weights": "imagenet",
         "n_features": 100,  # random channel subset size (the paper keeps 100 of 448 for ResNet18)
         "blur_sigma": 4.0,
+        "score_share": 0.01,  # image score: mean of this share of the map's highest pixels (0: the maximum)
         "shrinkage": "none",  # covariance: "none" (sample, the paper), "oas" (towards a scaled identity), "pooled"
         "pooled_weight": 0.5,  # with shrinkage "pooled": the share of the covariance every position shares
         "local_colour": True,  # append each patch's colour relative to the image (components/colour.py)
         "seed": 0,
     }
-    # Checkpoints of format 1 (before the resolved parameters were saved) predate local colour.
-    tags = {"trainable": False, "format1_params": {"local_colour": False}}
+    # What checkpoints saved before a parameter existed ran with (format 1 saved no resolved parameters).
+    tags = {"trainable": False, "legacy_params": {"local_colour": False, "score_share": 0.0}}
 
     def __init__(self, **params):
         super().__init__(**params)
@@ -108,6 +118,8 @@ class PaDiM(AnomalyModel):
         generator = torch.Generator().manual_seed(hp["seed"])
         index = torch.randperm(total, generator=generator)[: hp["n_features"]].sort().values
         self.register_buffer("index", index)
+        self._split_index()
+        self.register_load_state_dict_post_hook(lambda module, _: module._split_index())
         # Fitted state, (h, w, D) and (h, w, D, D): the grid shape travels with the checkpoint.
         self.register_buffer("mean", torch.empty(0, 0, 0))
         self.register_buffer("inv_cov", torch.empty(0, 0, 0, 0))
@@ -118,13 +130,23 @@ class PaDiM(AnomalyModel):
     def fitted(self) -> bool:
         return self.mean.numel() > 0
 
+    def _split_index(self) -> None:
+        """The subset layer by layer (index_i: layer i's chosen channels), so that each layer is cut
+        before it is upsampled; the subset is sorted, so concatenating the parts keeps its order."""
+        bounds = [0, *itertools.accumulate(self.backbone.channels)]
+        for i, (lo, hi) in enumerate(itertools.pairwise(bounds)):
+            chosen = self.index[(self.index >= lo) & (self.index < hi)] - lo
+            self.register_buffer(f"index_{i}", chosen, persistent=False)
+
     def _embed(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, D, h, w) embeddings on the finest layer's grid."""
         features = self.backbone(images)
         size = features[0].shape[-2:]
+        chosen = [getattr(self, f"index_{i}") for i in range(len(features))]
+        features = [f.index_select(1, c) for f, c in zip(features, chosen, strict=True) if len(c)]
         # Nearest upsampling copies each coarse cell onto the patches it covers, as in the paper.
         features = [f if f.shape[-2:] == size else F.interpolate(f, size=size, mode="nearest") for f in features]
-        embedding = torch.cat(features, dim=1).index_select(1, self.index)
+        embedding = torch.cat(features, dim=1)
         if not self.hparams["local_colour"]:
             return embedding
         return torch.cat([embedding, local_colour(images, size) * self.colour_scale], dim=1)
@@ -174,4 +196,16 @@ class PaDiM(AnomalyModel):
                                self.inv_cov.reshape(h * w, d, d))
         anomaly_map = upsample_and_blur(distance.reshape(b, 1, h, w), tuple(images.shape[-2:]),
                                         self.hparams["blur_sigma"])
-        return AnomalyOutput(score=anomaly_map.amax(dim=(1, 2, 3)), anomaly_map=anomaly_map)
+        return AnomalyOutput(score=top_mean(anomaly_map, self.hparams["score_share"]), anomaly_map=anomaly_map)
+
+
+def top_mean(maps: torch.Tensor, share: float, cell: int = 4) -> torch.Tensor:
+    """(B, 1, H, W) -> (B,) mean of the highest `share` of each map's cell x cell averages (share 0:
+    the map's maximum).  The blurred map barely changes within 4 px, and a top-k over 16 times fewer
+    values is cheap (over every pixel it slowed PaDiM's exported graphs by 20-30 %; AUROC moved by
+    at most 0.0011)."""
+    if share == 0:
+        return maps.amax(dim=(1, 2, 3))
+    cells = F.avg_pool2d(maps, cell).flatten(1) if min(maps.shape[-2:]) >= cell else maps.flatten(1)
+    k = max(1, round(share * cells.shape[1]))
+    return cells.topk(k, dim=1).values.mean(dim=1)

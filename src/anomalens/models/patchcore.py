@@ -95,8 +95,8 @@ class PatchCore(AnomalyModel):
     # INT8 export quantises only the patch search's ranking product: the chosen neighbours' distances
     # are recomputed in float32, so 8 bits can at worst pick a near-equal neighbour (no AUROC change
     # measured), while the 8-bit backbone's feature noise cost 0.038 image AUROC on demo brick.
-    # Checkpoints of format 1 (before the resolved parameters were saved) predate local colour.
-    tags = {"trainable": False, "int8_modules": ["patch_search"], "format1_params": {"colour_weight": 0.0}}
+    # What checkpoints saved before a parameter existed ran with (format 1 saved no resolved parameters).
+    tags = {"trainable": False, "int8_modules": ["patch_search"], "legacy_params": {"colour_weight": 0.0}}
 
     def __init__(self, **params):
         super().__init__(**params)
