@@ -136,7 +136,8 @@ def add_commands(subparsers: Any) -> None:
                    help="fix the graph's batch size (default: any batch when the model allows it, else 1)")
     p.add_argument("--calibration", help="int8: folder of good images to calibrate on (default: the run's train split)")
     p.add_argument("--calibration-size", type=_positive, default=300, help="int8: number of calibration images")
-    p.add_argument("--onnx", help="openvino: convert this ONNX export of the run instead of tracing the model again")
+    p.add_argument("--onnx", help="openvino fp32 | fp16 | bf16: convert this ONNX export of the run instead of tracing "
+                   "the model again (int8 traces its own graph)")
     p.set_defaults(func=cmd_export)
 
     p = subparsers.add_parser("validate", help="check an exported model against its run: parity, speed, memory, size")

@@ -556,7 +556,8 @@ def export(run: str | Path, fmt: str = "onnx", precision: str = "fp32", out: str
     it.  INT8 calibrates on up to `calibration_size` training images of the run's dataset (or the
     images of the `calibration` folder).  FP16 and INT8 artifacts are evaluated on the test split
     (image AUROC against the run's own) unless evaluate=False.  For OpenVINO, `onnx` may name an
-    ONNX export of the same run to convert instead of tracing the model again.
+    ONNX export of the same run to convert instead of tracing the model again (a float export is
+    traced again for INT8, whose graph differs: see trace).
     """
     from ..engine import find_checkpoint, load_checkpoint
 
