@@ -107,8 +107,8 @@ def nearest_distances(queries: torch.Tensor, bank: torch.Tensor, k: int = 1,
     bank = bank - mean
     b_sq = (bank * bank).sum(1)
     # Keep -2 b instead of b (in place: no second copy of the bank): the product then needs no
-    # separate scaling pass.  Power-of-two factors are exact in floating
-    # point, so 0.5 * (-2 b) below is -b bit for bit.
+    # separate scaling pass.  Power-of-two factors are exact in floating point, so 0.5 * (-2 b)
+    # below is -b bit for bit.
     minus_2b = bank.mul_(-2.0)
     m, dim = minus_2b.shape
     bank_block = max(k, min(m, chunk))  # a bank block alone never exceeds `chunk` rows

@@ -44,9 +44,10 @@ Deviations from the paper:
   Held-out likelihood of good patches preferred weights of 0.75-0.9 on every set, the tiles too,
   so it cannot choose the weight for anomaly detection.
 - Image score (`score_share`, default 0.01): the mean of the map's highest 1 % (of its 4x4-pixel
-  cell averages) instead of its maximum (`score_share: 0`).  With ~100 images per position the Mahalanobis distance of a
-  single patch is noisy, and the maximum of a good image often lands on such a noise peak; the
-  top 1 % (a 26x26 px area at 256 px) averages it out while a defect of that size still fills it.
+  cell averages) instead of its maximum (`score_share: 0`).  With ~100 images per position the
+  Mahalanobis distance of a single patch is noisy, and the maximum of a good image often lands on
+  such a noise peak; the top 1 % (a 26x26 px area at 256 px) averages it out while a defect of
+  that size still fills it.
   Image AUROC at 256 px, maximum -> top 1 % (pixel maps unchanged): demo brick 0.968 -> 0.986,
   grass 0.766 -> 0.811, gravel 0.825 -> 0.841, flange 0.999 -> 0.999; magnetic tiles
   0.884 -> 0.894 (60 training images), 0.910 -> 0.917 (200), 0.955 -> 0.957 (all 761).
@@ -98,7 +99,7 @@ class PaDiM(AnomalyModel):
         "weights": "imagenet",
         "n_features": 100,  # random channel subset size (the paper keeps 100 of 448 for ResNet18)
         "blur_sigma": 4.0,
-        "score_share": 0.01,  # image score: mean of this share of the map's highest pixels (0: the maximum)
+        "score_share": 0.01,  # image score: mean of this share of the map's highest 4x4 cells (0: its maximum)
         "shrinkage": "none",  # covariance: "none" (sample, the paper), "oas" (towards a scaled identity), "pooled"
         "pooled_weight": 0.5,  # with shrinkage "pooled": the share of the covariance every position shares
         "local_colour": True,  # append each patch's colour relative to the image (components/colour.py)
@@ -119,7 +120,7 @@ class PaDiM(AnomalyModel):
         index = torch.randperm(total, generator=generator)[: hp["n_features"]].sort().values
         self.register_buffer("index", index)
         self._split_index()
-        self.register_load_state_dict_post_hook(lambda module, _: module._split_index())
+        self.register_load_state_dict_post_hook(_resplit_index)
         # Fitted state, (h, w, D) and (h, w, D, D): the grid shape travels with the checkpoint.
         self.register_buffer("mean", torch.empty(0, 0, 0))
         self.register_buffer("inv_cov", torch.empty(0, 0, 0, 0))
@@ -197,6 +198,11 @@ class PaDiM(AnomalyModel):
         anomaly_map = upsample_and_blur(distance.reshape(b, 1, h, w), tuple(images.shape[-2:]),
                                         self.hparams["blur_sigma"])
         return AnomalyOutput(score=top_mean(anomaly_map, self.hparams["score_share"]), anomaly_map=anomaly_map)
+
+
+def _resplit_index(module: PaDiM, incompatible_keys) -> None:
+    """After load_state_dict: the loaded subset replaces the drawn one in the per-layer parts too."""
+    module._split_index()
 
 
 def top_mean(maps: torch.Tensor, share: float, cell: int = 4) -> torch.Tensor:
