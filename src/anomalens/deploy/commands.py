@@ -35,7 +35,7 @@ def _positive(text: str) -> int:
 
 # --------------------------------------------------------------------------- export
 def cmd_export(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
-    from .export import export
+    from .export import INT8_MIN_CHANNELS, export
 
     _no_overrides("export", overrides)
     result = export(args.run, args.format, args.precision, args.out, batch_size=args.batch_size,
@@ -48,9 +48,8 @@ def cmd_export(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     if "int8_scope" in result.metadata:
         rest = ("bfloat16 on CPUs with AMX / AVX512-BF16, else float32" if result.metadata["inference_precision"] == "bf16"
                 else "float32")
-        console.print(f"8-bit: the convolutions (except depthwise ones and those under 64 input channels) and "
-                      f"matrix products of "
-                      f"{', '.join(result.metadata['int8_scope'])} (calibrated on "
+        console.print(f"8-bit: the convolutions (except depthwise ones and those under {INT8_MIN_CHANNELS} input "
+                      f"channels) and matrix products of {', '.join(result.metadata['int8_scope'])} (calibrated on "
                       f"{result.metadata['calibration']['images']} images); the rest is {rest}.")
     if result.evaluation:
         ev = result.evaluation

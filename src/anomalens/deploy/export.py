@@ -445,10 +445,10 @@ INT8_MIN_CHANNELS = 64
 
 def _quantisable(op: Any) -> bool:
     """An OpenVINO operation with an 8-bit kernel worth using (INT8_OPS; convolutions >= INT8_MIN_CHANNELS in)."""
-    if op.get_type_name() not in INT8_OPS:
-        return False
-    channels = op.input(1).get_partial_shape()[1]  # a Convolution's weights: (out, in, kh, kw)
-    return op.get_type_name() != "Convolution" or channels.is_dynamic or channels.get_length() >= INT8_MIN_CHANNELS
+    if op.get_type_name() != "Convolution":
+        return op.get_type_name() in INT8_OPS
+    channels = op.input(1).get_partial_shape()[1]  # the weights: (out, in, kh, kw)
+    return channels.is_dynamic or channels.get_length() >= INT8_MIN_CHANNELS
 
 
 def write_openvino(path: Path, onnx_path: Path, metadata: dict, precision: str,
@@ -584,14 +584,14 @@ def export(run: str | Path, fmt: str = "onnx", precision: str = "fp32", out: str
             write_onnx(target, program, metadata, model)
         else:
             images = None
-            if precision == "int8":
+            if int8:
                 images = (folder_tensors(calibration, size, calibration_size) if calibration is not None
                           else split_tensors(config, "train", calibration_size)[1])
                 metadata["calibration"] = {"images": len(images),
                                            "source": str(calibration) if calibration else "training split"}
             batches = None if images is None else [_batch_of(images, i, fixed_batch) for i in range(len(images))]
-            scope = int8_scopes(model) if precision == "int8" else []
-            if precision == "int8":
+            scope = int8_scopes(model) if int8 else []
+            if int8:
                 metadata["int8_scope"] = scope or ["everything"]
                 metadata["inference_precision"] = int8_precision(model)
             with tempfile.TemporaryDirectory(prefix="anomalens-export-") as tmp:
