@@ -75,6 +75,19 @@ def test_missing_sdk_fails_before_the_run_with_the_pip_command(monkeypatch, tmp_
     assert not list(tmp_path.iterdir())  # nothing was started
 
 
+def test_logged_parameters_are_the_resolved_config():
+    """Model defaults and a trained model's training settings, as the run uses them."""
+    from anomalens.loggers.base import resolved_config
+
+    params = flatten(resolved_config(config_from_dict({"model": {"name": "autoencoder", "width": 4},
+                                                       "trainer": {"max_epochs": 2}})))
+    assert params["model.width"] == 4 and params["model.latent_channels"] == 16  # the model's default
+    assert params["trainer.max_epochs"] == 2 and params["trainer.optimizer.name"] == "adam"  # resolved settings
+    assert params["trainer.optimizer.lr"] == 1e-3
+    padim = flatten(resolved_config(config()))
+    assert padim["model.n_features"] == 100 and padim["trainer.optimizer"] is None  # not trained: left as set
+
+
 def test_flatten_and_finite():
     assert flatten({"a": {"b": 1, "c": {"d": None}}, "e": [1, 2], "f": {}}) == {"a.b": 1, "a.c.d": None,
                                                                              "e": [1, 2], "f": {}}
@@ -146,7 +159,8 @@ def test_what_a_run_logs_and_when(tmp_path):
     assert names[:6] == ["start", "log_params", "log_tags", "log_packages", "log_code", "log_metrics"]
     assert names[-1] == "finish" and tracker.calls[-1][2] == {}
     [(params,)] = tracker.called("log_params")
-    assert params == flatten(cfg.to_dict()) and params["model.name"] == "padim"
+    assert params.items() >= flatten(cfg.to_dict()).items() and params["model.name"] == "padim"
+    assert params["model.n_features"] == 100 and "model.n_features" not in cfg.model  # PaDiM's default, resolved
     [(tags,)] = tracker.called("log_tags")
     assert tags["model"] == "padim" and tags["run_dir"] == str(engine.run_dir)
     assert int(tags["system/cpu_count"]) >= 1

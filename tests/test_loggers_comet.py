@@ -18,9 +18,11 @@ import pytest
 import torch
 from PIL import Image
 
+from anomalens.callbacks import Callback
 from anomalens.config import config_from_dict
 from anomalens.engine import Engine
 from anomalens.errors import ConfigError
+from conftest import tiny_run_config
 
 pytest.importorskip("comet_ml")
 
@@ -60,14 +62,7 @@ def guard_sockets(mp: pytest.MonkeyPatch) -> list:
 
 
 def tiny_config(root, tmp, **logging):
-    return config_from_dict({
-        "model": {"name": "padim", "weights": "none"},
-        "dataset": {"format": "mvtec", "root": str(root), "category": "brick", "image_size": 64, "batch_size": 8},
-        "visualization": {"max_images": 3},
-        "trainer": {"progress": False},
-        "project": {"root": str(tmp / "runs")},
-        "logging": {"logger": "comet", "comet": {"mode": "offline"}, **logging},
-    })
+    return tiny_run_config(root, tmp, {"logger": "comet", "comet": {"mode": "offline"}, **logging})
 
 
 def read_archive(path: Path):
@@ -253,3 +248,143 @@ def test_error_tracking_started_by_an_earlier_comet_import_is_stopped(monkeypatc
     assert not [h for h in logging.getLogger("comet_ml").handlers if "sentry" in type(h).__module__]
     logging.getLogger("comet_ml").error("an error that Sentry would have reported")
     assert attempts == []
+
+
+def test_the_socket_guard_fails_an_outside_connection(monkeypatch):
+    """The guard above is what makes the offline test meaningful: check that it does catch one."""
+    attempts = guard_sockets(monkeypatch)
+    with socket.socket() as s, pytest.raises(OSError, match="blocked by the test"):
+        s.connect(("192.0.2.1", 443))  # TEST-NET-1: never routed
+    with pytest.raises(socket.gaierror):
+        socket.getaddrinfo("www.comet.com", 443)
+    import requests  # what comet_ml and Sentry's transport go through
+
+    with pytest.raises(requests.exceptions.ConnectionError):
+        requests.get("https://www.comet.com/api/isAlive/ping", timeout=2)
+    assert attempts[:2] == [("connect", ("192.0.2.1", 443)), ("getaddrinfo", "www.comet.com")]
+    assert attempts[2] == ("getaddrinfo", "www.comet.com") and len(attempts) >= 3
+
+
+# --------------------------------------------------------------------------- online, network lost mid-run
+class FakeComet:
+    """A loopback stand-in for the Comet server: accepts the handshake and every message, until stopped."""
+
+    def __init__(self):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        requests = self.requests = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def reply(self):
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                requests.append(self.path)
+                body = {}
+                if self.path.endswith("/isAlive/ver"):
+                    body = {"version": "3.30.0"}  # recent enough for Comet's fallback to offline
+                elif self.path.endswith("/logger/add/run"):
+                    body = {"runId": "run-1", "project_id": "project-1", "lastOffset": 0}
+                data = json.dumps(body).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = do_PUT = reply
+
+            def log_message(self, *args):
+                pass
+
+        import threading
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/clientlib/"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()  # from now on: connection refused, as with the network gone
+
+
+class NetworkGoesDown(Callback):
+    """Stops the server once calibration is logged: per-epoch losses went online, the test results can't."""
+
+    def __init__(self, server):
+        self.server = server
+
+    def on_calibrate_end(self, engine):
+        self.server.stop()
+
+
+def test_online_run_losing_the_network_mid_run_keeps_everything_in_an_archive(tiny_demo_root, tmp_path,
+                                                                               monkeypatch):
+    attempts = guard_sockets(monkeypatch)
+    server = FakeComet()
+    monkeypatch.setenv("COMET_API_KEY", "abcdefghij0123456789ABCDE")
+    monkeypatch.setenv("COMET_URL_OVERRIDE", server.url)
+    monkeypatch.delenv("COMET_PROJECT_NAME", raising=False)
+    config = config_from_dict({
+        "model": {"name": "autoencoder", "width": 4},
+        "dataset": {"format": "mvtec", "root": str(tiny_demo_root), "category": "brick", "image_size": 64,
+                    "batch_size": 8},
+        "visualization": {"max_images": 2},
+        "trainer": {"progress": False, "max_epochs": 2},
+        "project": {"root": str(tmp_path / "runs")},
+        "logging": {"logger": "comet", "comet": {"mode": "auto"}},
+    })
+    engine = Engine(config, callbacks=[])
+    engine.callbacks.callbacks.append(NetworkGoesDown(server))  # after the tracker: it logs first
+    [tracker] = [cb for cb in engine.callbacks.callbacks if type(cb).__name__ == "CometTracker"]
+    out = io.StringIO()
+    with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(out):
+        warnings.simplefilter("always")
+        run_dir = engine.run()
+
+    assert tracker.online and attempts == []
+    assert any(path.endswith("/batch/logger/experiment/metric") for path in server.requests)  # it was online
+    [archive] = sorted((run_dir / "comet").glob("*.zip"))
+    assert f"Upload it with: comet upload --force-reupload {archive}\n" in out.getvalue()
+    ours = [str(w.message) for w in caught if "Comet" in str(w.message) and issubclass(w.category, UserWarning)]
+    assert ours == [f"Comet lost its connection during the run; everything logged is kept in the offline archive "
+                    f"{archive}. Upload it with the command printed at the end."]
+    for name in ("config.yaml", "metrics.json", "scores.csv", "model.pt"):
+        assert (run_dir / name).is_file(), name
+
+    experiment, messages, _ = read_archive(archive)
+    assert experiment["project_name"] == "mvtec-brick"
+    metrics = {}
+    for p in of_type(messages, "metric_msg"):
+        metrics.setdefault(p["metric"]["metricName"], {})[p["metric"]["step"]] = float(p["metric"]["metricValue"])
+    history = {row["epoch"]: row["train_loss"] for row in engine.history}
+    assert metrics["train_loss"] == pytest.approx(history)  # logged while online: kept too
+    summary = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["image_AUROC"] == pytest.approx({2: summary["metrics"]["image_AUROC"]})  # after the loss
+    params = {p["param"]["paramName"]: p["param"]["paramValue"] for p in of_type(messages, "parameter_msg")}
+    assert params["model.name"] == "autoencoder"
+    uploads = of_type(messages, "file_upload")
+    figures = sorted(u["additional_params"]["figName"] for u in uploads if u["upload_type"] == "visualization")
+    assert figures == sorted(f"{p.parent.name}/{p.stem}" for p in (run_dir / "images").glob("*/*.png"))
+    assert any(u["additional_params"].get("fileName") == "scores.csv" for u in uploads)
+
+
+@pytest.mark.parametrize("project, env_project, expected", [
+    (None, None, "mvtec-brick"),  # '<dataset>-<category>' by default
+    (None, "line-3", "line-3"),  # COMET_PROJECT_NAME
+    ("from-config", "line-3", "from-config"),  # logging.project wins
+])
+def test_project_and_workspace_names(tiny_demo_root, tmp_path, monkeypatch, project, env_project, expected):
+    from anomalens.loggers.comet import CometTracker
+
+    monkeypatch.delenv("COMET_API_KEY", raising=False)
+    monkeypatch.setenv("COMET_WORKSPACE", "quality-team")
+    if env_project:
+        monkeypatch.setenv("COMET_PROJECT_NAME", env_project)
+    else:
+        monkeypatch.delenv("COMET_PROJECT_NAME", raising=False)
+    tracker = CometTracker(tiny_config(tiny_demo_root, tmp_path, project=project))
+    engine = fake_engine(tracker.config, tmp_path / "run")
+    tracker.on_run_start(engine)
+    tracker.on_run_end(engine)
+    [archive] = tracker.archives()
+    experiment, _, _ = read_archive(archive)
+    assert (experiment["project_name"], experiment["workspace"]) == (expected, "quality-team")

@@ -4,6 +4,7 @@ record holds."""
 import csv
 import io
 import json
+import os
 import socket
 import warnings
 from importlib import metadata
@@ -15,23 +16,16 @@ import torch
 from PIL import Image
 
 from anomalens.callbacks import CallbackList
-from anomalens.config import config_from_dict
 from anomalens.engine import Engine
 from anomalens.models.base import AnomalyOutput
+from conftest import tiny_run_config
 
 pytest.importorskip("mlflow")
 pytest.importorskip("tensorboard")
 
 
 def tiny_config(root, tmp, **logging):
-    return config_from_dict({
-        "model": {"name": "padim", "weights": "none"},
-        "dataset": {"format": "mvtec", "root": str(root), "category": "brick", "image_size": 64, "batch_size": 8},
-        "visualization": {"max_images": 3},
-        "trainer": {"progress": False},
-        "project": {"root": str(tmp / "runs")},
-        "logging": {"logger": ["mlflow", "tensorboard"], **logging},
-    })
+    return tiny_run_config(root, tmp, {"logger": ["mlflow", "tensorboard"], **logging})
 
 
 def guard_sockets(mp: pytest.MonkeyPatch) -> list:
@@ -262,3 +256,22 @@ def test_unreachable_mlflow_server_is_one_warning(tiny_demo_root, tmp_path):
         f"MlflowTracker.on_run_start failed and is disabled for this run: ConnectionError: the MLflow tracking "
         f"server at http://127.0.0.1:{port} is unreachable ([Errno 111] Connection refused)"]
     assert hooks.callbacks == []
+
+
+def test_mlflow_tracking_uri_precedence(tiny_demo_root, tmp_path, monkeypatch):
+    from anomalens.loggers.mlflow import tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    default = tiny_config(tiny_demo_root, tmp_path)
+    assert tracking_uri(default) == f"sqlite:///{(tmp_path / 'runs').resolve()}/mlflow.db"  # the runs root's store
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    assert tracking_uri(default) == "http://127.0.0.1:5999"
+    configured = tiny_config(tiny_demo_root, tmp_path, mlflow={"tracking_uri": "sqlite:////data/mlflow.db"})
+    assert tracking_uri(configured) == "sqlite:////data/mlflow.db"  # the config wins over the environment
+
+
+def test_mlflow_telemetry_is_off():
+    from anomalens.loggers.mlflow import import_mlflow
+
+    import_mlflow()
+    assert os.environ["MLFLOW_DISABLE_TELEMETRY"] == "true"

@@ -82,6 +82,10 @@ def test_ui_serves_the_runs_root_and_the_run_shows_up_in_chromium(tmp_path):
     try:
         line = server.stdout.readline()  # printed once the server answers
         assert line == f"MLflow UI for {root.resolve()}: http://127.0.0.1:{port}  (Ctrl+C to stop)\n"
+        # The experiment's runs page lists the run by name ...
+        runs_page = dump_dom(f"http://127.0.0.1:{port}/#/experiments/{experiment_id}/runs")
+        assert "padim-ui-check" in runs_page and "demo-brick" in runs_page
+        # ... and the run's own page shows its metrics and parameters.
         text = dump_dom(f"http://127.0.0.1:{port}/#/experiments/{experiment_id}/runs/{run_id}")
         assert "padim-ui-check" in text  # the run name
         assert "image_AUROC" in text and "0.8765" in text and "pixel_AUPRO" in text

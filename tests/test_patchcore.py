@@ -90,6 +90,7 @@ def test_map_is_the_upsampled_nearest_neighbour_distance():
         out = model(images)
         patches = model._embed(images).permute(0, 2, 3, 1).reshape(-1, 155).double()
     nn_dist = torch.cdist(patches, model.memory_bank.double()).min(1).values.view(2, 1, 8, 8)
+    nn_dist = nn_dist / model.position_scale.double()  # each position's distances in its typical size
     expected = F.interpolate(nn_dist, size=(SIZE, SIZE), mode="bilinear", align_corners=False)
     torch.testing.assert_close(out.anomaly_map.double(), expected, rtol=1e-4, atol=1e-4)
 
@@ -101,19 +102,56 @@ def test_image_score_is_eq_7(k):
     with torch.no_grad():
         score = model(images).score.double()
         patches = model._embed(images).permute(0, 2, 3, 1).reshape(3, 64, 155).double()
-    bank = model.memory_bank.double()
+    bank, scale = model.memory_bank.double(), model.position_scale.double().flatten()
     for b in range(3):
         dist = torch.cdist(patches[b], bank)  # (64, M)
         nn_dist, nn_idx = dist.min(1)
-        s_star, worst = nn_dist.max(0)
+        s_star, worst = (nn_dist / scale).max(0)
         if k == 1:  # eq. 7 degenerates to 0; the model keeps s*
             expected = s_star
         else:
             m_star = nn_idx[worst]
             neighbours = torch.cdist(bank[m_star:m_star + 1], bank)[0].topk(k, largest=False).indices
-            weight = 1 - torch.exp(s_star) / torch.exp(dist[worst, neighbours]).sum()
+            weight = 1 - torch.exp(nn_dist[worst]) / torch.exp(dist[worst, neighbours]).sum()
             expected = weight * s_star
         assert float(score[b]) == pytest.approx(float(expected), rel=1e-4)
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.5])
+def test_position_scale_is_each_positions_held_out_distance(strength):
+    train = textures(8, seed=7)
+    model = create_model("patchcore", weights="none", position_calibration=strength).fit([train[:5], train[5:]])
+    with torch.no_grad():
+        patches = model._embed(train).permute(0, 2, 3, 1).reshape(8, 64, 155).double()
+    bank = model.memory_bank.double()
+    owner = (bank[:, None, None] == patches[None]).all(3).any(2).float().argmax(1)  # the image each row came from
+    held_out = torch.stack([torch.cdist(patches[i], bank[owner != i]).min(1).values for i in range(8)])
+    typical = held_out.mean(0)
+    expected = (typical / typical.mean()) ** strength
+    torch.testing.assert_close(model.position_scale.double().flatten(), expected, rtol=1e-4, atol=1e-5)
+    assert model.position_scale.shape == (8, 8)
+
+
+def test_no_position_calibration_is_the_plain_distance():
+    train, images = textures(8, seed=7), textures(2, seed=5)
+    plain = create_model("patchcore", weights="none", position_calibration=0.0).fit([train]).eval()
+    assert not hasattr(plain, "position_scale")
+    calibrated = create_model("patchcore", weights="none")
+    calibrated.load_state_dict(plain.state_dict(), strict=False)  # same random backbone
+    calibrated.fit([train]).eval()
+    assert not torch.equal(calibrated.position_scale, torch.ones(8, 8))
+    calibrated.position_scale.fill_(1.0)
+    with torch.no_grad():
+        a, b = plain(images), calibrated(images)
+    torch.testing.assert_close(a.anomaly_map, b.anomaly_map)
+    torch.testing.assert_close(a.score, b.score)
+
+
+def test_position_scale_follows_another_input_size():
+    model = tiny(blur_sigma=0.0)
+    with torch.no_grad():
+        out = model(textures(2, seed=5, size=96))  # fitted at 64 px: 8x8 grid, now 12x12
+    assert out.anomaly_map.shape == (2, 1, 96, 96) and torch.isfinite(out.score).all()
 
 
 def test_bank_rows_are_training_patches():

@@ -1,6 +1,6 @@
 """What every tracker logs, and when; a tracker module only says *how* (the backend methods).
 
-    on_run_start       start; parameters (flattened config); tags (model, dataset, git, system); packages; code
+    on_run_start       start; parameters (flattened config, defaults resolved); tags (model, dataset, git, system); packages; code
     on_train_epoch_end per-epoch losses and validation metrics, step = epoch
     on_calibrate_end   model graph (when logging.log_graph); system load, fit/calibration durations
     on_test_batch_end  prediction images, rendered here only when the run saves none
@@ -84,6 +84,27 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def resolved_config(config: Config) -> dict[str, Any]:
+    """The config as the run uses it: the model's defaults filled in (a run that leaves PaDiM's
+    n_features alone uses 100) and, for a trained model, the training settings it resolves to."""
+    data = config.to_dict()
+    try:
+        from ..registry import get_model_class
+
+        cls = get_model_class(config.model_name)
+        data["model"] = {"name": config.model_name, **cls.defaults, **data["model"]}
+        if cls.tags.get("trainable"):
+            from dataclasses import asdict
+
+            from ..training import TrainSettings
+
+            data["trainer"] = {**data["trainer"], **asdict(TrainSettings.resolve(cls.training_defaults,
+                                                                                 data["trainer"]))}
+    except ConfigError:  # the run fails on the same error, and says so
+        pass
+    return data
+
+
 def finite(metrics: dict[str, Any]) -> dict[str, float]:
     """Numbers only, NaN/inf dropped (a metric that cannot be computed, e.g. pixel AUROC without masks)."""
     out = {}
@@ -117,6 +138,10 @@ def load_rgb(path: Path) -> np.ndarray:
 
     with Image.open(path) as im:
         return np.asarray(im.convert("RGB"))
+
+
+class TrackerError(Exception):
+    """A tracker's backend failed with a multi-line message; this one holds its first line."""
 
 
 @dataclass
@@ -188,20 +213,23 @@ class Tracker(Callback):
         # The CallbackList warns once and disables us; close our run first so it is not left open.
         try:
             yield
-        except Exception:
+        except Exception as exc:
             if self.started:
                 self.started = False
                 try:
                     self.finish(failed=True)
                 except Exception:  # noqa: BLE001 - the original error is the one to report
                     pass
+            lines = str(exc).strip().splitlines()
+            if len(lines) > 1:  # e.g. SQLAlchemy appends the SQL statement: the warning keeps one line
+                raise TrackerError(f"{type(exc).__name__}: {lines[0]}") from exc
             raise
 
     def on_run_start(self, engine: Engine) -> None:
         with self._closing_on_error():
             self.start(engine)
             self.started = True
-            self.log_params(flatten(engine.config.to_dict()))
+            self.log_params(flatten(resolved_config(engine.config)))
             c = engine.config
             self.log_tags({"model": c.model_name, "dataset": c.dataset_name, "category": c.dataset.category,
                            "run_dir": str(engine.run_dir), "device": str(engine.device),

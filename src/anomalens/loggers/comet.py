@@ -3,9 +3,12 @@
 Mode `auto` (default) is online when Comet finds an API key (COMET_API_KEY or ~/.comet.config),
 offline otherwise.  Offline runs write an archive into <run>/comet/ and print the exact
 `comet upload` command.  An online run that cannot reach Comet at start is re-created offline
-before anything is logged; one that loses the network later is kept by Comet's own fallback
-streamer in the same folder.  Comet's automatic probes (error tracking, cloud metadata, host and
-IP details, framework monkey-patching, stdout capture) are switched off: we log what we choose.
+before anything is logged; one that loses the network later is kept whole (what was sent before
+too) by Comet's own fallback streamer, as an archive in the same folder, uploaded with
+`comet upload --force-reupload`.  An archive that could not be written (a full disk) is one
+warning, never an upload command.  Comet's automatic probes (error tracking, cloud metadata,
+host and IP details, framework monkey-patching, stdout capture) are switched off: we log what
+we choose.
 """
 from __future__ import annotations
 
@@ -79,9 +82,11 @@ class CometTracker(Tracker):
         self.online = mode == "online" or (mode == "auto" and bool(self.api_key))
         self.experiment: Any = None
         self.folder: Path | None = None
+        self._archives: list[Path] | None = None
 
     # -- backend ------------------------------------------------------------------------------------
     def start(self, engine: Engine) -> None:
+        self._archives = None
         self.folder = engine.run_dir / "comet"
         self.folder.mkdir(parents=True, exist_ok=True)
         project = os.environ.get("COMET_PROJECT_NAME") if not self.config.logging.project else None
@@ -148,18 +153,60 @@ class CometTracker(Tracker):
     def finish(self, failed: bool = False) -> None:
         if failed:
             self.experiment.log_other("status", "failed")
+        if self.online:  # hand every queued message to Comet's fallback copy before end() tears it down
+            self.experiment.flush()
         self.experiment.end()
+        # Comet only logs a failure to write its archive (a full disk): check it, so that a broken
+        # archive is one warning (the run's local record is complete) instead of an upload command.
+        candidates = self._candidates()
+        self._archives = [path for path in candidates if _valid_archive(path)]
+        broken = [path for path in candidates if path not in self._archives]
+        if broken:
+            raise OSError(f"Comet's offline archive {broken[0]} is incomplete (is the disk full?); "
+                          "this Comet experiment is lost, the run's local record is complete.")
+        if not self.online and not self._archives:
+            raise OSError(f"Comet wrote no offline archive in {self.folder} (is the disk full?); "
+                          "this Comet experiment is lost, the run's local record is complete.")
+        kept = self.comet.get_config().get_bool(None, "comet.fallback_streamer.keep_offline_zip")
+        if self.online and self._archives and not kept:  # Comet's fallback: the connection was lost mid-run
+            warnings.warn(f"Comet lost its connection during the run; everything logged is kept in the offline "
+                          f"archive {self._archives[0]}. Upload it with the command printed at the end.",
+                          stacklevel=2)
 
     def report(self) -> None:
         if self.online:
             url = getattr(self.experiment, "url", None)
             print(f"Comet experiment: {url}" if url else "Comet experiment logged online.")
+        # An archive of an online experiment (Comet's fallback) completes one that exists on the server.
+        command = "comet upload --force-reupload" if self.online else "comet upload"
         for archive in self.archives():
-            print(f"Comet offline archive: {archive}\nUpload it with: comet upload {archive}")
+            print(f"Comet offline archive: {archive}\nUpload it with: {command} {archive}")
 
     def archives(self) -> list[Path]:
-        """Offline archives of this run (an online run has one only if it fell back)."""
-        return sorted(self.folder.glob("*.zip")) if self.folder else []
+        """Complete offline archives of this run (an online run has one only if it fell back)."""
+        if self._archives is None:  # checked once the experiment has ended
+            return [path for path in self._candidates() if _valid_archive(path)]
+        return self._archives
+
+    def _candidates(self) -> list[Path]:
+        found = set(self.folder.glob("*.zip")) if self.folder else set()
+        # Comet writes the archive to a temporary folder when ours cannot be opened: report it there.
+        elsewhere = getattr(self.experiment, "offline_directory", None)
+        key = getattr(self.experiment, "id", None)
+        if elsewhere and key and self.folder and Path(elsewhere).resolve() != self.folder.resolve():
+            found.update(Path(elsewhere).glob(f"{key}*.zip"))
+        return sorted(found)
+
+
+def _valid_archive(path: Path) -> bool:
+    """A complete Comet offline archive: a readable zip holding experiment.json and messages.json."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return {"experiment.json", "messages.json"} <= set(zf.namelist()) and zf.testzip() is None
+    except (OSError, zipfile.BadZipFile):
+        return False
 
 
 def _plain(value: Any) -> Any:

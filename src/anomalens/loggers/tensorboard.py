@@ -6,6 +6,7 @@ snapshot is the run folder's code.zip.
 """
 from __future__ import annotations
 
+import threading
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,6 +45,7 @@ class TensorBoardTracker(Tracker):
 
     # -- backend ------------------------------------------------------------------------------------
     def start(self, engine: Engine) -> None:
+        _quiet_writer_thread()
         self.writer = self.writer_class(log_dir=str(engine.run_dir / LOG_DIR))
 
     def log_params(self, params: dict[str, Any]) -> None:
@@ -98,6 +100,23 @@ class TensorBoardTracker(Tracker):
 
     def report(self) -> None:
         print(f"TensorBoard: tensorboard --logdir {Path(self.config.project.root)}")
+
+
+def _quiet_writer_thread() -> None:
+    """TensorBoard's writer thread keeps its error (a full disk) for the next call, which raises it:
+    the tracker then warns once.  Don't let Python also print the thread's traceback."""
+    from tensorboard.summary.writer.event_file_writer import _AsyncWriterThread
+
+    previous = threading.excepthook
+    if getattr(previous, "_anomalens_quiet", False):
+        return
+
+    def hook(args: Any) -> None:
+        if not (isinstance(args.thread, _AsyncWriterThread) and isinstance(args.exc_value, Exception)):
+            previous(args)
+
+    hook._anomalens_quiet = True  # type: ignore[attr-defined]
+    threading.excepthook = hook
 
 
 class _Traceable(torch.nn.Module):
