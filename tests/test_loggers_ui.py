@@ -82,8 +82,10 @@ def test_ui_serves_the_runs_root_and_the_run_shows_up_in_chromium(tmp_path):
     try:
         line = server.stdout.readline()  # printed once the server answers
         assert line == f"MLflow UI for {root.resolve()}: http://127.0.0.1:{port}  (Ctrl+C to stop)\n"
-        # The experiment's runs page lists the run by name ...
-        runs_page = dump_dom(f"http://127.0.0.1:{port}/#/experiments/{experiment_id}/runs")
+        # Each project's runs page is printed next, and it lists the run by name ...
+        runs_url = f"http://127.0.0.1:{port}/#/experiments/{experiment_id}/runs"
+        assert server.stdout.readline() == f"  demo-brick: {runs_url}\n"
+        runs_page = dump_dom(runs_url)
         assert "padim-ui-check" in runs_page and "demo-brick" in runs_page
         # ... and the run's own page shows its metrics and parameters.
         text = dump_dom(f"http://127.0.0.1:{port}/#/experiments/{experiment_id}/runs/{run_id}")

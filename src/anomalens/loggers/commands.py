@@ -49,7 +49,8 @@ def _root(args: argparse.Namespace, overrides: dict[str, Any]) -> Path:
 def _console():
     from rich.console import Console
 
-    return Console()
+    # Piped or redirected output has no width to fit: rich would assume 80 columns and cut every cell.
+    return Console() if sys.stdout.isatty() else Console(width=240)
 
 
 # --------------------------------------------------------------------------- runs list
@@ -147,13 +148,28 @@ def cmd_ui(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
             raise AnomalensError(f"The MLflow UI did not start on {args.host}:{args.port}"
                                  + (f" (exit code {code}); is the port in use? Try --port." if code is not None
                                     else "; gave up after 120 s."))
-        print(f"MLflow UI for {root.resolve()}: http://{args.host}:{args.port}  (Ctrl+C to stop)", flush=True)
+        address = f"http://{args.host}:{args.port}"
+        print(f"MLflow UI for {root.resolve()}: {address}  (Ctrl+C to stop)", flush=True)
+        # MLflow 3 opens an experiment on its overview tab: give each project's runs table directly.
+        for name, experiment_id in _experiments(root):
+            print(f"  {name}: {address}/#/experiments/{experiment_id}/runs", flush=True)
         return process.wait()
     except KeyboardInterrupt:
         return 0
     finally:
         stop_group(process)
         signal.signal(signal.SIGTERM, previous)
+
+
+def _experiments(root: Path) -> list[tuple[str, str]]:
+    """(name, id) of the experiments in the local store of `root` that hold runs, by name."""
+    from mlflow.tracking import MlflowClient
+
+    from .mlflow import default_store
+
+    client = MlflowClient(tracking_uri=default_store(root))
+    found = [(e.name, e.experiment_id) for e in client.search_experiments()]
+    return sorted((name, key) for name, key in found if client.search_runs([key], max_results=1))
 
 
 def _interrupt(signum: int, frame: Any) -> None:
