@@ -24,8 +24,8 @@ Deviations from the paper:
   carries its cell's mean colour relative to the image's mean (components/colour.py), averaged
   over the same 3x3 neighbourhood and scaled so that its spread (RMS distance to the mean) is
   `colour_weight` times an average backbone layer's.  Pretrained features hardly see a stain
-  that keeps the texture underneath (demo grass stains: 0.507 image AUROC).  Measured at 256 px,
-  image / pixel AUROC for weights 0 / 0.25 / 0.5:
+  that keeps the texture underneath (demo grass stains: 0.507 image AUROC).  Measured at 256 px
+  without position calibration (below), image / pixel AUROC for weights 0 / 0.25 / 0.5:
     demo grass      0.804 / 0.908   0.856 / 0.951   0.914 / 0.975
     demo gravel     0.912 / 0.928   0.914 / 0.941   0.943 / 0.966
     demo brick      0.991 / 0.975   0.993 / 0.979
