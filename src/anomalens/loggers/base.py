@@ -84,15 +84,27 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def with_model_defaults(data: dict[str, Any]) -> dict[str, Any]:
+    """A config dict with its model's defaults filled in (a run that left PaDiM's n_features alone
+    used 100); a model this version does not know keeps what the config wrote."""
+    model = dict(data.get("model") or {})
+    try:
+        from ..registry import get_model_class
+
+        model = {**get_model_class(model.get("name", "")).defaults, **model}
+    except ConfigError:
+        pass
+    return {**data, "model": model}
+
+
 def resolved_config(config: Config) -> dict[str, Any]:
-    """The config as the run uses it: the model's defaults filled in (a run that leaves PaDiM's
-    n_features alone uses 100) and, for a trained model, the training settings it resolves to."""
-    data = config.to_dict()
+    """The config as the run uses it: the model's defaults filled in and, for a trained model, the
+    training settings it resolves to."""
+    data = with_model_defaults(config.to_dict())
     try:
         from ..registry import get_model_class
 
         cls = get_model_class(config.model_name)
-        data["model"] = {"name": config.model_name, **cls.defaults, **data["model"]}
         if cls.tags.get("trainable"):
             from dataclasses import asdict
 

@@ -18,8 +18,8 @@ from typing import Any
 
 import yaml
 
-from ..errors import AnomalensError, ConfigError
-from .base import flatten
+from ..errors import AnomalensError
+from .base import flatten, with_model_defaults
 
 # Shown by `runs list`, in this order.
 KEY_METRICS = [("image_AUROC", "img AUROC"), ("pixel_AUROC", "pix AUROC"), ("pixel_AUPRO", "AUPRO"),
@@ -73,16 +73,7 @@ class RunRecord:
 
     def params(self) -> dict[str, Any]:
         """The flattened config, model defaults filled in (a run that left n_features alone used 100)."""
-        config = dict(self.config)
-        model = dict(config.get("model") or {})
-        try:
-            from ..registry import get_model_class
-
-            model = {**get_model_class(model.get("name", "")).defaults, **model}
-        except ConfigError:  # a model this version does not know: show what the run wrote
-            pass
-        config["model"] = model
-        return flatten(config)
+        return flatten(with_model_defaults(self.config))
 
     def images(self) -> dict[str, Path]:
         """'<defect_type>/<stem>' -> saved prediction image."""

@@ -119,7 +119,8 @@ class PatchCore(AnomalyModel):
     # are recomputed in float32, so 8 bits can at worst pick a near-equal neighbour (no AUROC change
     # measured), while the 8-bit backbone's feature noise cost 0.038 image AUROC on demo brick.
     # What checkpoints saved before a parameter existed ran with (format 1 saved no resolved parameters).
-    tags = {"trainable": False, "int8_modules": ["patch_search"], "legacy_params": {"colour_weight": 0.0, "position_calibration": 0.0}}
+    tags = {"trainable": False, "int8_modules": ["patch_search"],
+            "legacy_params": {"colour_weight": 0.0, "position_calibration": 0.0}}
 
     def __init__(self, **params):
         super().__init__(**params)
@@ -209,8 +210,8 @@ class PatchCore(AnomalyModel):
         if counted == 0:  # a single training image: nothing to hold out
             return torch.ones(h, w, device=self.memory_bank.device)
         typical = totals / counted
-        scale = (typical / typical.mean().clamp_min(1e-12)).clamp_min(1e-6).pow(self.hparams["position_calibration"])
-        return scale.float().view(h, w).to(self.memory_bank.device)
+        relative = (typical / typical.mean().clamp_min(1e-12)).clamp_min(1e-6)
+        return relative.pow(self.hparams["position_calibration"]).float().view(h, w).to(self.memory_bank.device)
 
     def _weigh_colour(self, chunks: list[torch.Tensor]) -> None:
         """Scale the colour columns (the last 3) in place so that their spread is `colour_weight` times
