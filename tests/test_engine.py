@@ -114,10 +114,10 @@ def test_checkpoint_keeps_every_parameter_so_a_later_default_cannot_change_the_m
 
 
 def test_format_1_checkpoints_load_with_the_parameters_of_their_time(tiny_demo_root, tmp_path):
-    # Format 1 stored only the parameters the config set; PaDiM had no colour channels then and
-    # scored an image by its map's maximum.
+    # Format 1 stored only the parameters the config set; PaDiM had no colour channels then, did not
+    # average its embeddings and scored an image by its map's maximum.
     data = tiny_config(tiny_demo_root, tmp_path).to_dict()
-    data["model"].update(local_colour=False, score_share=0.0)
+    data["model"].update(local_colour=False, score_share=0.0, neighbourhood=1)
     engine = Engine(config_from_dict(data))
     run_dir = engine.run()
     payload = torch.load(run_dir / "model.pt", weights_only=True)
@@ -127,6 +127,7 @@ def test_format_1_checkpoints_load_with_the_parameters_of_their_time(tiny_demo_r
     torch.save(payload, tmp_path / "old.pt")
     _, model, _ = load_checkpoint(tmp_path / "old.pt")
     assert model.hparams["local_colour"] is False and model.hparams["score_share"] == 0.0
+    assert model.hparams["neighbourhood"] == 1
     images = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(model(images).score, engine.model.cpu().eval()(images).score)
@@ -139,14 +140,15 @@ def test_format_1_checkpoints_load_with_the_parameters_of_their_time(tiny_demo_r
 
 
 def test_a_parameter_added_after_a_checkpoint_takes_the_value_of_its_time(padim_run, tmp_path):
-    # PaDiM's score_share came after format 2: a checkpoint without it scored by the map's maximum.
+    # PaDiM's score_share and neighbourhood came after format 2: a checkpoint without them scored by
+    # the map's maximum and did not average its embeddings.
     _, run_dir, _ = padim_run
     payload = torch.load(run_dir / "model.pt", weights_only=True)
-    assert payload["model_params"]["score_share"] == 0.01
-    del payload["model_params"]["score_share"]
+    assert payload["model_params"]["score_share"] == 0.01 and payload["model_params"]["neighbourhood"] == 3
+    del payload["model_params"]["score_share"], payload["model_params"]["neighbourhood"]
     torch.save(payload, tmp_path / "older.pt")
     _, model, _ = load_checkpoint(tmp_path / "older.pt")
-    assert model.hparams["score_share"] == 0.0
+    assert model.hparams["score_share"] == 0.0 and model.hparams["neighbourhood"] == 1
     with torch.no_grad():
         out = model(torch.rand(2, 3, 64, 64))
     torch.testing.assert_close(out.score, out.anomaly_map.amax(dim=(1, 2, 3)))

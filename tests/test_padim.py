@@ -153,11 +153,24 @@ def test_colour_channels_are_the_cells_relative_colour_with_a_feature_channels_s
     with torch.no_grad():
         emb = model._embed(train)
     cells = train.reshape(10, 3, 16, 4, 16, 4).mean(dim=(3, 5)) - train.mean(dim=(2, 3), keepdim=True)
+    cells = F.avg_pool2d(cells, 3, stride=1, padding=1, count_include_pad=False)  # the 3x3 neighbourhood
     torch.testing.assert_close(emb[:, 100:], cells * model.colour_scale, rtol=1e-4, atol=1e-5)
     first = emb[:4].transpose(0, 1).flatten(1).std(dim=1)  # the scale comes from the first batch (4 images)
     assert float(first[100:].mean()) == pytest.approx(float(first[:100].mean()), rel=1e-4)
     plain = create_model("padim", local_colour=False).fit([_batch(train)])
     assert plain.mean.shape == (16, 16, 100)
+
+
+def test_neighbourhood_averages_each_embedding_over_the_cells_around_it(fitted):
+    model, train = fitted
+    plain = create_model("padim", neighbourhood=1)
+    plain.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        cells, pooled = plain._embed(train).numpy(), model._embed(train).numpy()  # (N, D, 16, 16)
+    for i, j in [(0, 0), (0, 7), (8, 8), (15, 14)]:  # corner (4 neighbours), edge (6), inside (9)
+        window = cells[:, :, max(i - 1, 0):i + 2, max(j - 1, 0):j + 2]
+        np.testing.assert_allclose(pooled[:, :, i, j], window.mean(axis=(2, 3)), rtol=1e-5, atol=1e-6)
+    assert model.hparams["neighbourhood"] == 3 and not np.allclose(cells, pooled)
 
 
 def test_defect_scores_higher_and_map_peaks_inside_it(fitted):

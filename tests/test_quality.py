@@ -15,8 +15,9 @@ from anomalens.engine import Engine
 TARGET = {"patchcore": 0.95, "padim": 0.90}
 # (model, category) -> regression floor; measured image / pixel AUROC on demo v2 (refit on) in the comment.
 BELOW_TARGET = {
-    ("padim", "grass"): 0.76,  # 0.811 / 0.902 (0.765 with the map's maximum as score; 0.737 / 0.861 without local colour)
-    ("padim", "gravel"): 0.79,  # 0.841 / 0.883 (0.825; 0.806 / 0.875)
+    # In brackets: without the 3x3 neighbourhood; also with the map's maximum as score; also without local colour.
+    ("padim", "grass"): 0.79,  # 0.846 / 0.931 (0.811 / 0.902; 0.765; 0.737 / 0.861)
+    ("padim", "gravel"): 0.82,  # 0.877 / 0.904 (0.841 / 0.883; 0.825; 0.806 / 0.875)
 }
 # PatchCore meets its target everywhere: grass 0.956 / 0.969, gravel 0.958 / 0.958 (0.856 / 0.951 and
 # 0.914 / 0.941 without position calibration).
@@ -49,7 +50,7 @@ def test_demo_quality_floor(model, category, tmp_path):
 
 @pytest.mark.slow
 def test_padim_pooled_shrinkage_reaches_the_floor_on_grass(tmp_path):
-    """The texture option: measured 0.941 / 0.970 (0.811 / 0.902 with the paper's covariance)."""
+    """The texture option: measured 0.958 / 0.976 (0.846 / 0.931 with the paper's covariance)."""
     m = _demo_metrics({"name": "padim", "shrinkage": "pooled"}, "grass", tmp_path)
     assert m["image_AUROC"] >= TARGET["padim"]
     assert m["pixel_AUROC"] >= TARGET["padim"]

@@ -24,6 +24,19 @@ Deviations from the paper:
   0.737 / 0.861 -> 0.765 / 0.902, brick 0.934 / 0.956 -> 0.968 / 0.982, gravel 0.806 / 0.875 ->
   0.825 / 0.883, flange 1.000 / 0.991 -> 0.999 / 0.991; magnetic tiles 0.910 / 0.736 ->
   0.910 / 0.737 with 200 training images, 0.955 / 0.746 -> 0.955 / 0.748 with all 761.
+- Neighbourhood (an addition, `neighbourhood`, default 3): each embedding is averaged over the
+  3x3 grid cells around it (stride 1; border cells over the neighbours they have), as PatchCore
+  makes its patch features "locally aware".  An average of neighbouring patches is closer to a
+  Gaussian than one patch of a stochastic texture, and less noisy, so the per-position Gaussians
+  fit better.  Image / pixel AUROC at 256 px, 1 -> 3 (5 in brackets):
+    demo brick      0.986 / 0.982 -> 0.999 / 0.990   (0.999 / 0.992)
+    demo grass      0.811 / 0.902 -> 0.846 / 0.931   (0.832 / 0.943)
+    demo gravel     0.841 / 0.883 -> 0.877 / 0.904   (0.881 / 0.918)
+    demo flange     0.999 / 0.991 -> 1.000 / 0.993   (0.999 / 0.993)
+    magnetic tiles  0.894 / 0.733 -> 0.898 / 0.756   (0.894 / 0.770)   60 training images
+    magnetic tiles  0.917 / 0.737 -> 0.916 / 0.758   (0.915 / 0.772)   200 training images
+    magnetic tiles  0.957 / 0.748 -> 0.963 / 0.771                     all 761
+  The other tables in this list were measured before it (neighbourhood 1).
 - Option `shrinkage: oas` estimates each covariance with Oracle Approximating Shrinkage instead
   of the sample covariance (both + 0.01 I).  Not the default: at 256 px with 60 training images
   it changed image AUROC by -0.014 on the magnetic tiles, -0.008 grass, +0.040 gravel, -0.006
@@ -91,6 +104,7 @@ class PaDiM(AnomalyModel):
         "shrinkage": OneOf("none", "oas", "pooled"),
         "pooled_weight": Interval(float, 0, 1),
         "local_colour": OneOf(True, False),
+        "neighbourhood": OneOf(1, 3, 5, 7, 9),
         "seed": Interval(int, 0, None),
     }
     defaults = {
@@ -103,10 +117,11 @@ class PaDiM(AnomalyModel):
         "shrinkage": "none",  # covariance: "none" (sample, the paper), "oas" (towards a scaled identity), "pooled"
         "pooled_weight": 0.5,  # with shrinkage "pooled": the share of the covariance every position shares
         "local_colour": True,  # append each patch's colour relative to the image (components/colour.py)
+        "neighbourhood": 3,  # average each embedding over this window of grid cells (odd; 1: the paper)
         "seed": 0,
     }
     # What checkpoints saved before a parameter existed ran with (format 1 saved no resolved parameters).
-    tags = {"trainable": False, "legacy_params": {"local_colour": False, "score_share": 0.0}}
+    tags = {"trainable": False, "legacy_params": {"local_colour": False, "score_share": 0.0, "neighbourhood": 1}}
 
     def __init__(self, **params):
         super().__init__(**params)
@@ -148,9 +163,13 @@ class PaDiM(AnomalyModel):
         # Nearest upsampling copies each coarse cell onto the patches it covers, as in the paper.
         features = [f if f.shape[-2:] == size else F.interpolate(f, size=size, mode="nearest") for f in features]
         embedding = torch.cat(features, dim=1)
-        if not self.hparams["local_colour"]:
+        if self.hparams["local_colour"]:
+            embedding = torch.cat([embedding, local_colour(images, size) * self.colour_scale], dim=1)
+        p = self.hparams["neighbourhood"]
+        if p == 1:
             return embedding
-        return torch.cat([embedding, local_colour(images, size) * self.colour_scale], dim=1)
+        # Border cells average only the neighbours they have, so they are not pulled towards zero.
+        return F.avg_pool2d(embedding, p, stride=1, padding=p // 2, count_include_pad=False)
 
     @torch.no_grad()
     def fit(self, batches: Iterable[Batch]) -> PaDiM:
