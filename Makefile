@@ -8,10 +8,12 @@ STAMP := $(VENV)/.installed-stamp
 
 .PHONY: setup demo test test-fast lint clean
 
+# --no-cache-dir: the venv alone is ~7 GB (torch's CUDA build), and a CI run once ran out of disk
+# during this install; pip's cache would add the downloaded wheels again.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet --no-cache-dir --upgrade pip
+	$(PY) -m pip install --quiet --no-cache-dir -e '.[dev]'
 	touch $(STAMP)
 
 setup: $(STAMP)
