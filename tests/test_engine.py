@@ -62,6 +62,8 @@ def test_run_folder_layout_and_record(padim_run):
     assert set(summary["metrics"]) >= {"image_AUROC", "pixel_AUROC", "pixel_AUPRO", "image_F1", "false_reject_rate",
                                        "escape_rate", "image_threshold"}
     assert summary["timings"]["fit_seconds"] > 0
+    assert summary["fit_info"] == engine.model.fit_info and set(summary["fit_info"]) == {"flips_used",
+                                                                                         "mirror_distance_ratio"}
     rows = list(csv.DictReader(open(run_dir / "scores.csv")))
     assert len(rows) == summary["n_test"]
     # metrics.json agrees with an AUROC recomputed from the score table

@@ -173,6 +173,50 @@ def test_neighbourhood_averages_each_embedding_over_the_cells_around_it(fitted):
     assert model.hparams["neighbourhood"] == 3 and not np.allclose(cells, pooled)
 
 
+def _aligned(n: int, seed: int) -> torch.Tensor:
+    """Textures with the same asymmetric part in every image: a bright bar near the top-left corner."""
+    images = _textures(n, seed)
+    images[:, :, 6:14, 4:40] = 0.9
+    return images
+
+
+def _assert_same_gaussians(a, b):
+    torch.testing.assert_close(a.mean, b.mean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a.inv_cov, b.inv_cov, rtol=1e-3, atol=1e-3)
+
+
+def test_flips_true_fits_every_images_three_mirror_images_too():
+    train = _textures(6, seed=7)
+    mirrored = create_model("padim", flips=True).fit([_batch(train)])
+    views = [train, train.flip(-1), train.flip(-2), train.flip((-2, -1))]
+    _assert_same_gaussians(mirrored, create_model("padim", flips=False).fit([_batch(v) for v in views]))
+    assert mirrored.fit_info == {"flips_used": True, "mirror_distance_ratio": None}
+
+
+def test_flips_auto_mirrors_a_texture_but_not_an_aligned_part():
+    # 40 images: every 5th (8) is held out of a first fit, then scored as it is and mirrored.
+    texture, part = _textures(40, seed=8), _aligned(40, seed=8)
+    kwargs = {"local_colour": False}  # the colour scale comes from the first batch, which the held-out images leave
+    auto_texture = create_model("padim", flips="auto", **kwargs).fit([_batch(texture[:16]), _batch(texture[16:])])
+    auto_part = create_model("padim", flips="auto", **kwargs).fit([_batch(part[:16]), _batch(part[16:])])
+    assert auto_texture.fit_info["flips_used"] and auto_texture.fit_info["mirror_distance_ratio"] <= 1.05
+    assert not auto_part.fit_info["flips_used"] and auto_part.fit_info["mirror_distance_ratio"] > 1.05
+    # Either way every image ends up in the Gaussians: the held-out ones are added back.
+    _assert_same_gaussians(auto_texture, create_model("padim", flips=True, **kwargs).fit([_batch(texture)]))
+    _assert_same_gaussians(auto_part, create_model("padim", flips=False, **kwargs).fit([_batch(part)]))
+
+
+def test_flips_auto_takes_a_one_shot_iterator_and_skips_the_check_with_few_images():
+    texture = _textures(40, seed=8)
+    from_list = create_model("padim").fit([_batch(texture[:16]), _batch(texture[16:])])
+    from_generator = create_model("padim").fit(_batch(t) for t in (texture[:16], texture[16:]))
+    _assert_same_gaussians(from_list, from_generator)
+    assert from_generator.fit_info == from_list.fit_info
+    few = create_model("padim", local_colour=False).fit([_batch(texture[:10])])  # 2 held out: too few to judge
+    assert few.fit_info == {"flips_used": False, "mirror_distance_ratio": None}
+    _assert_same_gaussians(few, create_model("padim", flips=False, local_colour=False).fit([_batch(texture[:10])]))
+
+
 def test_defect_scores_higher_and_map_peaks_inside_it(fitted):
     model, _ = fitted
     normals = _textures(3, seed=1)

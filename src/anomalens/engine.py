@@ -294,6 +294,7 @@ class Engine:
             "threshold_method": getattr(self.postprocessor, "method", None),
             "n_train": len(self.splits.train), "n_val": len(self.splits.val), "n_test": len(preds.score),
             "device": str(self.device), "metrics": self.metrics, "timings": self.timings,
+            "fit_info": self.model.fit_info,
         }
         (self.run_dir / f"metrics{suffix}.json").write_text(json.dumps(summary, indent=2, allow_nan=True))
         write_scores_csv(self.run_dir / f"scores{suffix}.csv", preds)

@@ -50,6 +50,8 @@ class AnomalyModel(nn.Module):
         super().__init__()
         validate_params(type(self).__name__, params, self.constraints)
         self.hparams: dict[str, Any] = {**self.defaults, **params}
+        # What `fit` chose from the data (e.g. PaDiM's flips); the run record keeps it (metrics.json).
+        self.fit_info: dict[str, Any] = {}
 
     # Trained models: the paper's (or a CPU-feasible) training recipe, overridable from the
     # config's trainer section: max_epochs, optimizer {name, lr, ...}, scheduler, gradient_clip.
