@@ -223,7 +223,7 @@ class PaDiM(AnomalyModel):
             images = self._images(batch)
             start, seen = seen, seen + len(images)
             if flips == "auto":  # every CHECK_EVERY-th image waits out the first fit, for the check
-                out = torch.arange(start, seen) % CHECK_EVERY == CHECK_EVERY - 1
+                out = torch.arange(start, seen, device=images.device) % CHECK_EVERY == CHECK_EVERY - 1
                 out &= out.cumsum(0) + held <= CHECK_IMAGES
                 held_out.append(images[out])
                 held += int(out.sum())
