@@ -23,6 +23,15 @@ def test_train_prints_the_metric_table(trained_run, capsys):
     assert json.loads((trained_run / "metrics.json").read_text())["model"] == "patchcore"
 
 
+def test_metric_table_shows_what_the_model_chose_from_the_data(capsys):
+    from anomalens.cli import print_metrics
+
+    print_metrics({"image_AUROC": 0.5}, "t", {"fit_seconds": 1.5},
+                  {"flips_used": True, "mirror_distance_ratio": 1.00431, "note": None})
+    rows = [" ".join(line.strip("│ ").split()) for line in capsys.readouterr().out.splitlines()]
+    assert {"fit seconds │ 1.50", "flips used │ yes", "mirror distance ratio │ 1.004", "note │ n/a"} <= set(rows)
+
+
 def test_test_command_re_evaluates_to_the_same_metrics(trained_run):
     assert main(["test", "--run", str(trained_run)]) == 0
     first = json.loads((trained_run / "metrics.json").read_text())["metrics"]

@@ -49,7 +49,9 @@ def _console():
     return Console()
 
 
-def print_metrics(metrics: dict[str, float], title: str, timings: dict[str, float] | None = None) -> None:
+def print_metrics(metrics: dict[str, float], title: str, timings: dict[str, float] | None = None,
+                  fit_info: dict[str, Any] | None = None) -> None:
+    """The metric table; then the timings, and what the model chose from the data (`fit_info`)."""
     from rich.table import Table
 
     table = Table(title=title, show_header=True, header_style="bold")
@@ -61,7 +63,17 @@ def print_metrics(metrics: dict[str, float], title: str, timings: dict[str, floa
             table.add_row(label, "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}")
     for key, v in (timings or {}).items():
         table.add_row(key.replace("_", " "), f"{v:.2f}")
+    for key, v in (fit_info or {}).items():
+        table.add_row(key.replace("_", " "), _shown(v))
     _console().print(table)
+
+
+def _shown(value: Any) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 # --------------------------------------------------------------------------- commands
@@ -75,7 +87,7 @@ def cmd_train(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     engine = Engine(config)
     run_dir = engine.run()
     print_metrics(engine.metrics, f"{config.model_name} on {config.dataset_name}/{config.dataset.category} (test split)",
-                  engine.timings)
+                  engine.timings, engine.model.fit_info)
     _console().print(f"Run folder: [bold]{run_dir}[/bold]")
     return 0
 
