@@ -112,7 +112,8 @@ FLIPS = ((-1,), (-2,), (-2, -1))  # horizontal, vertical, both
 # out of a first fit and scored as it is and mirrored; the mirrors join the training set when their
 # median patch distance is within FLIP_RATIO of the unmirrored one's for every flip.  Measured in
 # fit at 256 px: demo grass 1.012, gravel 1.007, brick 1.004; flange 1.357; magnetic tiles 1.073,
-# 1.211, 1.145 (60, 200, 761 images).  Per flip on the engine's calibration images at 128 and 256 px:
+# 1.211, 1.145 (60, 200, 761 images); at 128 px: grass 1.023, gravel 1.004, brick 1.006; flange 1.504;
+# tiles 1.137, 1.300 (60, 200).  Per flip on the engine's calibration images at 128 and 256 px:
 # the textures 0.99-1.02, the tiles 1.08-1.36, flange 1.24-1.53.
 CHECK_EVERY, CHECK_IMAGES, CHECK_MIN = 5, 16, 4
 CHECK_STRIDE = 7  # the check measures every 7th grid position (prime: spread over rows and columns)
