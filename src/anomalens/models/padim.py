@@ -299,12 +299,6 @@ class PaDiM(AnomalyModel):
         plain = median_distance(embedding)
         return max(float((median_distance(self._embed(images.flip(dims))) / plain).mean()) for dims in FLIPS)
 
-    def _distances(self, embedding: torch.Tensor) -> torch.Tensor:
-        """(B, D, h, w) embeddings -> (B, h*w) Mahalanobis distances to their positions' Gaussians."""
-        b, d, h, w = embedding.shape
-        return mahalanobis(embedding.flatten(2).transpose(1, 2), self.mean.reshape(h * w, d),
-                           self.inv_cov.reshape(h * w, d, d))
-
     def _scale_colour(self, embedding: torch.Tensor) -> None:
         """Give the colour channels (the last 3, in place) the typical spread of a feature channel,
         measured on the first batch: the covariance regulariser (0.01 I) is in feature units and
@@ -321,7 +315,9 @@ class PaDiM(AnomalyModel):
         if (h, w) != tuple(self.mean.shape[:2]):
             raise DataError(f"PaDiM was fitted on a {self.mean.shape[0]}x{self.mean.shape[1]} feature grid but this "
                             f"{images.shape[-2]}x{images.shape[-1]} input gives {h}x{w}; use the training image size.")
-        anomaly_map = upsample_and_blur(self._distances(embedding).reshape(b, 1, h, w), tuple(images.shape[-2:]),
+        distance = mahalanobis(embedding.flatten(2).transpose(1, 2), self.mean.reshape(h * w, d),
+                               self.inv_cov.reshape(h * w, d, d))
+        anomaly_map = upsample_and_blur(distance.reshape(b, 1, h, w), tuple(images.shape[-2:]),
                                         self.hparams["blur_sigma"])
         return AnomalyOutput(score=top_mean(anomaly_map, self.hparams["score_share"]), anomaly_map=anomaly_map)
 
