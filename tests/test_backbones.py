@@ -101,6 +101,27 @@ def test_layer_order_follows_the_request(lite0):
     assert not any(k.startswith(("features.blocks.5", "features.blocks.6")) for k in swapped.state_dict())
 
 
+def test_cpu_steps_give_the_whole_batchs_features(lite0, monkeypatch):
+    images = torch.rand(5, 3, 64, 64)
+    monkeypatch.setattr(backbones, "CPU_STEP_PIXELS", 64 * 64)  # a 64 px image per thread
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # steps of 2, 2 and 1 images
+    assert lite0._cpu_step(images) == 2
+    calls = []
+    hook = lite0.features.register_forward_pre_hook(lambda module, args: calls.append(len(args[0])))
+    try:
+        with torch.no_grad():
+            stepped = lite0(images)
+            monkeypatch.setattr(backbones, "CPU_STEP_PIXELS", 10**9)
+            whole = lite0(images)
+    finally:
+        hook.remove()
+    assert calls == [2, 2, 1, 5]
+    for a, b in zip(stepped, whole, strict=True):  # oneDNN's kernels differ with the batch size, in rounding
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    # Training runs the batch whole: BatchNorm needs its statistics.
+    assert Backbone(layers=["blocks.1"], trainable=True)._cpu_step(images) is None
+
+
 def test_frozen_and_stays_in_eval_mode():
     backbone = Backbone(layers=["blocks.1"])
     parent = torch.nn.Sequential(backbone).train()

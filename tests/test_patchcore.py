@@ -132,6 +132,22 @@ def test_position_scale_is_each_positions_held_out_distance(strength):
     assert model.position_scale.shape == (8, 8)
 
 
+def test_position_calibration_holds_out_an_images_mirror_images_too():
+    train = textures(8, seed=7)
+    train = (train + train.flip(-1)) / 2  # left-right symmetric: each image's h-mirror is itself
+    model = create_model("patchcore", weights="none", flips=True).fit([train[:5], train[5:]])
+    views = [train, train.flip(-1), train.flip(-2), train.flip((-2, -1))]
+    with torch.no_grad():
+        patches = torch.cat([model._embed(v).permute(0, 2, 3, 1).reshape(8, 64, 155) for v in views]).double()
+    bank = model.memory_bank.double()
+    found = (bank[:, None, None] == patches[None]).all(3).any(2).float().argmax(1)  # a view holding each row
+    owner = found % 8  # the original image behind that view
+    held_out = torch.stack([torch.cdist(patches[i], bank[owner != i]).min(1).values for i in range(8)])
+    typical = held_out.mean(0)
+    torch.testing.assert_close(model.position_scale.double().flatten(), (typical / typical.mean()) ** 0.5,
+                               rtol=1e-4, atol=1e-5)
+
+
 def test_no_position_calibration_is_the_plain_distance():
     train, images = textures(8, seed=7), textures(2, seed=5)
     plain = create_model("patchcore", weights="none", position_calibration=0.0).fit([train]).eval()
@@ -165,6 +181,58 @@ def test_bank_rows_are_training_patches():
     full.load_state_dict(model.state_dict(), strict=False)  # same backbone weights
     full.fit([train])
     assert full.memory_bank.shape == patches.shape
+
+
+def diagonal(n: int, seed: int) -> torch.Tensor:
+    """Textures crossed by the same bright "/" band: mirrored left-right it runs the other way."""
+    images = textures(n, seed)
+    r = torch.arange(SIZE)
+    images[:, :, (r[:, None] + r[None, :] - (SIZE - 1)).abs() < 5] = 0.9
+    return images
+
+
+def test_flips_true_widens_the_pool_not_the_bank():
+    train = textures(8, seed=7)
+    model = create_model("patchcore", weights="none", flips=True).fit([train[:3], train[3:]]).eval()
+    views = [train, train.flip(-1), train.flip(-2), train.flip((-2, -1))]
+    with torch.no_grad():
+        patches = torch.stack([model._embed(v).permute(0, 2, 3, 1).reshape(-1, 155) for v in views])  # (4, 512, D)
+    assert model.memory_bank.shape == (round(0.1 * 8 * 64), 155)  # the unmirrored patches set the size
+    in_view = (model.memory_bank[:, None, None] == patches[None]).all(3).any(2)  # (bank, view)
+    assert in_view.any(1).all() and in_view[:, 1:].any(1).sum() > in_view[:, 0].logical_not().sum() - 1
+    assert not in_view[:, 0].all()  # some chosen patches exist only in mirror images
+    assert model.fit_info == {"flips_used": True, "mirror_distance_ratio": None}
+
+
+def test_flips_auto_mirrors_a_texture_but_not_an_aligned_part():
+    # 40 images: every 5th (8) is scored against the bank without its own patches, as it is and mirrored.
+    texture, part = textures(40, seed=8), diagonal(40, seed=8)
+    auto_texture = create_model("patchcore").fit([texture[:16], texture[16:]])
+    auto_part = create_model("patchcore").fit([part[:16], part[16:]])
+    assert auto_texture.fit_info["flips_used"] and auto_texture.fit_info["mirror_distance_ratio"] <= 1.01
+    assert not auto_part.fit_info["flips_used"] and auto_part.fit_info["mirror_distance_ratio"] > 1.2
+    # The same banks as the fixed choices.
+    mirrored = create_model("patchcore", flips=True).fit([texture[:16], texture[16:]])
+    assert torch.equal(auto_texture.memory_bank, mirrored.memory_bank)
+    assert torch.equal(auto_part.memory_bank, create_model("patchcore", flips=False).fit([part[:16], part[16:]]).memory_bank)
+
+
+def test_flips_auto_takes_a_one_shot_iterator_and_skips_the_check_with_few_images():
+    texture = textures(40, seed=8)
+    for flips in ("auto", True):  # True: the generator must serve the mirrors' second pass too
+        from_list = tiny_fit([texture[:16], texture[16:]], flips=flips)
+        from_generator = tiny_fit((t for t in (texture[:16], texture[16:])), flips=flips)
+        assert torch.equal(from_list.memory_bank, from_generator.memory_bank)
+        assert from_generator.fit_info == from_list.fit_info
+    few = tiny_fit([texture[:19]])  # 3 check images: too few to judge
+    assert few.fit_info == {"flips_used": False, "mirror_distance_ratio": None}
+    assert few.memory_bank.shape == (round(0.1 * 19 * 64), 155)
+
+
+def tiny_fit(batches, **params) -> torch.nn.Module:
+    """A random-init backbone (seeded) fitted on `batches`: the same backbone every call."""
+    torch.manual_seed(0)
+    return create_model("patchcore", weights="none", **params).fit(batches)
 
 
 @pytest.mark.parametrize("weight", [0.5, 2.0])

@@ -4,7 +4,8 @@ A model no better than chance is a defect, not a pass.  TARGET holds issue 2's f
 models meet on every category.  Measured image / pixel AUROC (demo v2, refit on):
     padim      brick 1.000 / 0.997, grass 0.959 / 0.980, gravel 0.915 / 0.938, flange 1.000 / 0.993
                (grass and gravel were 0.846 / 0.931 and 0.877 / 0.904 before mirrored training images)
-    patchcore  brick 1.000 / 0.981, grass 0.956 / 0.969, gravel 0.958 / 0.958, flange 0.993 / 0.982
+    patchcore  brick 1.000 / 0.983, grass 0.994 / 0.979, gravel 0.987 / 0.966, flange 0.993 / 0.982
+               (brick, grass and gravel were 1.000 / 0.981, 0.956 / 0.969, 0.958 / 0.958 unmirrored)
 """
 import pytest
 
@@ -37,5 +38,6 @@ def test_demo_quality_floor(model, category, tmp_path):
     m, fit_info = _demo_metrics({"name": model}, category, tmp_path)
     assert m["image_AUROC"] >= TARGET[model]
     assert m["pixel_AUROC"] >= TARGET[model]
-    if model == "padim":  # the textures look normal mirrored (ratio 1.00-1.02); the aligned flange does not (1.36)
-        assert fit_info["flips_used"] == (category != "flange"), fit_info
+    # The textures look normal mirrored (PaDiM's ratio 1.00-1.02, PatchCore's 0.98-0.99); the aligned
+    # flange does not (1.36, 1.09).
+    assert fit_info["flips_used"] == (category != "flange"), fit_info

@@ -99,6 +99,7 @@ from ..backbones import Backbone
 from ..components.blur import upsample_and_blur
 from ..components.colour import local_colour
 from ..components.gaussian import GaussianAccumulator, mahalanobis
+from ..components.mirrors import CHECK_MIN, CHECK_STRIDE, FLIPS, check_images, worst_mirror_ratio
 from ..data.sample import Batch
 from ..errors import STR, AnomalensError, DataError, Interval, ListOf, OneOf, param_error
 from ..progress import track
@@ -107,16 +108,13 @@ from .base import AnomalyModel, AnomalyOutput
 
 # --------------------------------------------------------------------------- parameters
 COVARIANCE_EPS = 0.01  # the paper's regularisation: Sigma + 0.01 I
-FLIPS = ((-1,), (-2,), (-2, -1))  # horizontal, vertical, both
-# flips "auto": every CHECK_EVERY-th training image (at most CHECK_IMAGES, at least CHECK_MIN) is held
-# out of a first fit and scored as it is and mirrored; the mirrors join the training set when their
-# median patch distance is within FLIP_RATIO of the unmirrored one's for every flip.  Measured in
-# fit at 256 px: demo grass 1.012, gravel 1.007, brick 1.004; flange 1.357; magnetic tiles 1.073,
-# 1.211, 1.145 (60, 200, 761 images); at 128 px: grass 1.023, gravel 1.004, brick 1.006; flange 1.504;
-# tiles 1.137, 1.300 (60, 200).  Per flip on the engine's calibration images at 128 and 256 px:
-# the textures 0.99-1.02, the tiles 1.08-1.36, flange 1.24-1.53.
-CHECK_EVERY, CHECK_IMAGES, CHECK_MIN = 5, 16, 4
-CHECK_STRIDE = 7  # the check measures every 7th grid position (prime: spread over rows and columns)
+# flips "auto" (components/mirrors.py): the check images are held out of a first fit and scored as
+# they are and mirrored; the mirrors join the training set when their median patch distance is
+# within FLIP_RATIO of the unmirrored one's for every flip.  Measured in fit at 256 px: demo grass
+# 1.012, gravel 1.007, brick 1.004; flange 1.357; magnetic tiles 1.073, 1.211, 1.145 (60, 200, 761
+# images); at 128 px: grass 1.023, gravel 1.004, brick 1.006; flange 1.504; tiles 1.137, 1.300 (60,
+# 200).  Per flip on the engine's calibration images at 128 and 256 px: the textures 0.99-1.02, the
+# tiles 1.08-1.36, flange 1.24-1.53.
 FLIP_RATIO = 1.05
 
 
@@ -223,9 +221,8 @@ class PaDiM(AnomalyModel):
         for batch in track(batches, "PaDiM: fitting Gaussians"):
             images = self._images(batch)
             start, seen = seen, seen + len(images)
-            if flips == "auto":  # every CHECK_EVERY-th image waits out the first fit, for the check
-                out = torch.arange(start, seen, device=images.device) % CHECK_EVERY == CHECK_EVERY - 1
-                out &= out.cumsum(0) + held <= CHECK_IMAGES
+            if flips == "auto":  # the check images wait out the first fit
+                out = check_images(start, len(images), held, images.device)
                 held_out.append(images[out])
                 held += int(out.sum())
                 images = images[~out]
@@ -296,8 +293,7 @@ class PaDiM(AnomalyModel):
             patches = embedding.flatten(2).transpose(1, 2)[:, rows]  # (B, P', D)
             return mahalanobis(patches, mean, inv_cov).median(dim=1).values
 
-        plain = median_distance(embedding)
-        return max(float((median_distance(self._embed(images.flip(dims))) / plain).mean()) for dims in FLIPS)
+        return worst_mirror_ratio(lambda view: median_distance(self._embed(view)), images, median_distance(embedding))
 
     def _scale_colour(self, embedding: torch.Tensor) -> None:
         """Give the colour channels (the last 3, in place) the typical spread of a feature channel,
