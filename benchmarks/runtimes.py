@@ -45,7 +45,7 @@ def train(model: str, category: str, image_size: int, root: str | None, project:
 
 
 def measure(run: Path, batch_size: int, repeats: int, max_seconds: float, threads: int | None,
-            rounds: int = 3) -> list[dict]:
+            rounds: int = 3, export_batch: int | None = None) -> list[dict]:
     from anomalens.deploy.export import compare_outputs, export, measure_speed, predict_all, split_tensors
     from anomalens.deploy.inferencer import Inferencer
     from anomalens.engine import load_checkpoint
@@ -56,12 +56,13 @@ def measure(run: Path, batch_size: int, repeats: int, max_seconds: float, thread
     labels = np.array([r.label for r in records])
     artifacts: dict[tuple[str, str], Path] = {("torch", "fp32"): run}
     t0 = time.perf_counter()
-    onnx_path = export(run, "onnx").path
+    onnx_path = export(run, "onnx", batch_size=export_batch).path
     export_s = {"onnx": time.perf_counter() - t0}
     artifacts[("onnx", "fp32")] = onnx_path
     for precision in ("fp32", "fp16", "bf16", "int8"):
         t0 = time.perf_counter()
-        artifacts[("openvino", precision)] = export(run, "openvino", precision, onnx=onnx_path, evaluate=False).path
+        artifacts[("openvino", precision)] = export(run, "openvino", precision, onnx=onnx_path, evaluate=False,
+                                                    batch_size=export_batch).path
         export_s[f"openvino_{precision}"] = time.perf_counter() - t0
 
     rows, reference, inferencers = [], None, {}
@@ -133,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-seconds", type=float, default=20.0, help="time cap per measurement")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds; the best of each is kept")
     parser.add_argument("--threads", type=int, help="CPU threads for every runtime (default: each one's own)")
+    parser.add_argument("--export-batch", type=int, help="export every artifact at this fixed batch (give the "
+                        "throughput batch): the backbone's CPU steps unroll into the graph; batch-1 latency is then "
+                        "that of a padded batch")
     parser.add_argument("--out", help="write the rows as JSON here")
     args = parser.parse_args(argv)
 
@@ -145,9 +149,11 @@ def main(argv: list[str] | None = None) -> int:
     for model in args.models:
         run = Path(given[model]) if model in given else train(model, args.category, args.image_size, args.demo_root,
                                                                project)
-        rows += measure(run, args.batch_size, args.repeats, args.max_seconds, args.threads, args.rounds)
+        rows += measure(run, args.batch_size, args.repeats, args.max_seconds, args.threads, args.rounds,
+                        args.export_batch)
     threads = f"{args.threads} thread(s) per runtime" if args.threads else "default threads"
-    print(f"CPU: {os.cpu_count()} cores, {threads}; batch {args.batch_size} for throughput; "
+    exported = f"; artifacts at a fixed batch of {args.export_batch}" if args.export_batch else ""
+    print(f"CPU: {os.cpu_count()} cores, {threads}; batch {args.batch_size} for throughput{exported}; "
           f"{args.category} at {args.image_size} px\n")
     print(table(rows))
     if args.out:

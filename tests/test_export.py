@@ -21,6 +21,7 @@ from anomalens.config import config_from_dict  # noqa: E402
 from anomalens.deploy.export import (  # noqa: E402
     PARITY_ATOL,
     PARITY_RTOL,
+    InferenceGraph,
     compare_outputs,
     export,
     predict_all,
@@ -413,3 +414,23 @@ def test_padim_exports_with_a_dynamic_batch():
     model = create_model("padim", weights="none").fit([torch.rand(4, 3, 64, 64)]).eval()
     _, batch = trace(model, PostProcessor(), 64)
     assert batch is None
+
+
+def test_a_fixed_batch_export_runs_the_backbone_in_steps_with_the_same_outputs(monkeypatch):
+    """At a fixed batch the backbone's CPU steps unroll into the graph (two 256 px images each,
+    whatever the exporting machine's threads), and the graph still computes the eager outputs."""
+    model = create_model("padim", weights="none").fit([torch.rand(2, 3, 256, 256)]).eval()
+    post = PostProcessor()
+    images = torch.rand(4, 3, 256, 256, generator=torch.Generator().manual_seed(2))
+
+    def stems(program):
+        return sum(1 for n in program.graph.nodes if n.op == "call_function" and "conv" in str(n.target)
+                   and any("conv_stem" in str(a) for a in n.args))
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)  # eager would step 8 images at once
+    dynamic, batch = trace(model, post, 256)
+    fixed, _ = trace(model, post, 256, batch_size=4)
+    assert batch is None and stems(dynamic) == 1 and stems(fixed) == 2
+    reference = InferenceGraph(model, post).eval()(images)
+    for got, want in zip(fixed.module()(images), reference, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, equal_nan=True)  # unfitted post-processor
