@@ -60,3 +60,8 @@ class Batch:
     def to(self, device: torch.device | str) -> Batch:
         return Batch(self.image.to(device), self.label.to(device), self.mask.to(device),
                      self.has_mask.to(device), self.path, self.defect_type)
+
+
+def images_of(batch: Batch | torch.Tensor) -> torch.Tensor:
+    """The images of a Batch, or the tensor itself: the one-pass models' fit takes either."""
+    return batch.image if isinstance(batch, Batch) else batch

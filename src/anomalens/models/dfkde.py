@@ -37,7 +37,7 @@ from ..backbones import Backbone
 from ..components.blur import upsample_and_blur
 from ..components.kde import GaussianKDE, kde_log_density
 from ..components.pca import PCA
-from ..data.sample import Batch
+from ..data.sample import Batch, images_of
 from ..errors import STR, AnomalensError, DataError, Interval, ListOf
 from ..progress import track
 from ..registry import register_model
@@ -98,7 +98,7 @@ class DFKDE(AnomalyModel):
         device = self.mean.device
         vectors = []
         for batch in track(batches, "DFKDE: extracting features"):
-            images = batch.image if isinstance(batch, Batch) else batch
+            images = images_of(batch)
             vectors.append(self._embed(images.to(device)).mean(dim=(2, 3)))
         if not vectors:
             raise DataError("DFKDE.fit got no training images; give it at least 2 good images.")

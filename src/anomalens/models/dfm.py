@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from ..backbones import Backbone
 from ..components.blur import upsample_and_blur
 from ..components.pca import PCA
-from ..data.sample import Batch
+from ..data.sample import Batch, images_of
 from ..errors import STR, AnomalensError, DataError, Interval, ListOf, OneOf
 from ..progress import track
 from ..registry import register_model
@@ -97,7 +97,7 @@ class DFM(AnomalyModel):
         device = self.mean.device
         vectors, grid = [], None
         for batch in track(batches, "DFM: extracting features"):
-            images = batch.image if isinstance(batch, Batch) else batch
+            images = images_of(batch)
             embedding = self._embed(images.to(device))
             grid = embedding.shape[1:]
             vectors.append(embedding.flatten(1))

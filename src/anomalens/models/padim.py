@@ -100,7 +100,7 @@ from ..components.blur import upsample_and_blur
 from ..components.colour import local_colour
 from ..components.gaussian import GaussianAccumulator, mahalanobis
 from ..components.mirrors import CHECK_MIN, CHECK_STRIDE, FLIPS, check_images, worst_mirror_ratio
-from ..data.sample import Batch
+from ..data.sample import Batch, images_of
 from ..errors import STR, AnomalensError, DataError, Interval, ListOf, OneOf, param_error
 from ..progress import track
 from ..registry import register_model
@@ -219,7 +219,7 @@ class PaDiM(AnomalyModel):
         seen = held = 0
         self._first = self.hparams["local_colour"]
         for batch in track(batches, "PaDiM: fitting Gaussians"):
-            images = self._images(batch)
+            images = images_of(batch).to(self.index.device)
             start, seen = seen, seen + len(images)
             if flips == "auto":  # the check images wait out the first fit
                 out = check_images(start, len(images), held, images.device)
@@ -249,11 +249,9 @@ class PaDiM(AnomalyModel):
             self._accumulate(accumulator, held_out)
         if ratio is not None and ratio <= FLIP_RATIO:
             for batch in track(batches, "PaDiM: adding mirrored images"):
-                self._accumulate(accumulator, self._images(batch), mirrored=True, original=False)
+                self._accumulate(accumulator, images_of(batch).to(self.index.device), mirrored=True,
+                                 original=False)
         return ratio
-
-    def _images(self, batch: Batch | torch.Tensor) -> torch.Tensor:
-        return (batch.image if isinstance(batch, Batch) else batch).to(self.index.device)
 
     def _accumulate(self, accumulator: GaussianAccumulator, images: torch.Tensor, mirrored: bool = False,
                     original: bool = True) -> None:

@@ -92,7 +92,7 @@ from ..components.colour import local_colour
 from ..components.coreset import greedy_coreset, random_projection
 from ..components.knn import NearestNeighbours, nearest_distances
 from ..components.mirrors import CHECK_MIN, CHECK_STRIDE, FLIPS, check_images, worst_mirror_ratio
-from ..data.sample import Batch
+from ..data.sample import Batch, images_of
 from ..errors import STR, AnomalensError, DataError, Interval, ListOf, OneOf
 from ..progress import track
 from ..registry import register_model
@@ -199,7 +199,7 @@ class PatchCore(AnomalyModel):
         checked, checked_at = [], []  # flips "auto": the check images and their places in the stream
         seen = 0
         for batch in track(batches, "PatchCore: extracting features"):
-            images = self._images(batch)
+            images = images_of(batch).to(self.memory_bank.device)
             if flips == "auto":
                 chosen = check_images(seen, len(images), len(checked_at))
                 checked.append(images[chosen.to(images.device)])
@@ -230,9 +230,6 @@ class PatchCore(AnomalyModel):
             self.position_scale = self._position_scale(chunks, owner, seen)
         return self
 
-    def _images(self, batch: Batch | torch.Tensor) -> torch.Tensor:
-        return (batch.image if isinstance(batch, Batch) else batch).to(self.memory_bank.device)
-
     def _patches(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B * h * w, D) float32 patch features, image by image; records the grid."""
         embedding = self._embed(images)
@@ -262,7 +259,7 @@ class PatchCore(AnomalyModel):
         """Append the mirror images' patches to `chunks` (a second pass); returns their originals' indices."""
         origin, seen = [], 0
         for batch in track(batches, "PatchCore: adding mirrored images"):
-            images = self._images(batch)
+            images = images_of(batch).to(self.memory_bank.device)
             for dims in FLIPS:  # one mirror image at a time: memory
                 chunks.append(self._patches(images.flip(dims)))
                 origin.append(torch.arange(seen, seen + len(images)))
