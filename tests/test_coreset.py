@@ -8,11 +8,14 @@ from anomalens.components.coreset import coverage_radius, greedy_coreset, random
 from anomalens.components.knn import nearest_distances
 
 
-def naive_greedy(x: torch.Tensor, size: int, start: int) -> torch.Tensor:
-    """The textbook k-center loop: refresh every point's distance to the set after each new centre."""
+def naive_greedy(x: torch.Tensor, size: int, start: int = 0, given: int = 0) -> torch.Tensor:
+    """The textbook k-center loop: refresh every point's distance to the set after each new centre
+    (`given` > 0: starting from the first `given` rows as centres instead of `start`)."""
     min_d = torch.full((len(x),), float("inf"), dtype=x.dtype)
-    selected = [start]
-    for _ in range(size - 1):
+    selected = list(range(given)) if given else [start]
+    for i in selected[:-1]:
+        min_d = torch.minimum(min_d, ((x - x[i]) ** 2).sum(1))
+    while len(selected) < size:
         min_d = torch.minimum(min_d, ((x - x[selected[-1]]) ** 2).sum(1))
         selected.append(int(min_d.argmax()))
     return torch.tensor(selected)
@@ -35,6 +38,20 @@ def test_greedy_equals_the_textbook_loop(pool_size, data):
     selected = greedy_coreset(x, 150, seed=3, progress=False, pool_size=pool_size)
     expected = naive_greedy(x, 150, start=int(selected[0]))
     assert torch.equal(selected, expected)
+
+
+@pytest.mark.parametrize("pool_size", [4, 64])
+@pytest.mark.parametrize("given", [1, 37, 150])
+def test_greedy_continues_from_given_centres_like_the_textbook_loop(pool_size, given):
+    x = blobs(700, 16, seed=4)
+    selected = greedy_coreset(x, 150, progress=False, pool_size=pool_size, given=given)
+    assert torch.equal(selected, naive_greedy(x, 150, given=given))
+    assert torch.equal(selected[:given], torch.arange(given))
+
+
+def test_given_centres_must_fit_in_the_coreset():
+    with pytest.raises(ValueError, match=r"given centres must be in \[0, 10\]"):
+        greedy_coreset(torch.rand(50, 4), 10, given=11, progress=False)
 
 
 def test_float32_selection_has_the_same_radius_as_float64():

@@ -198,3 +198,17 @@ def test_refit_can_be_switched_off(tiny_demo_root, tmp_path):
     engine.run()
     assert "refit_seconds" not in engine.timings
     torch.testing.assert_close(engine.model.mean, _fitted_on(engine, engine.splits.train).mean)
+
+
+def test_patchcore_learns_the_validation_images_on_top_of_its_fit(tiny_demo_root, tmp_path):
+    engine = Engine(tiny_config(tiny_demo_root, tmp_path, model="patchcore", visualization={"save_images": False}))
+    run_dir = engine.run()
+    train_only = _fitted_on(engine, engine.splits.train)
+    bank, grown = train_only.memory_bank, engine.model.memory_bank
+    good_val = sum(r.label == 0 for r in engine.splits.val)
+    assert good_val > 0
+    assert len(grown) == len(bank) + round(0.1 * good_val * 64)  # 64 px: an 8 x 8 patch grid per image
+    torch.testing.assert_close(grown[:len(bank)], bank)  # the fitted bank stays; the update adds rows
+    _, saved, _ = load_checkpoint(run_dir)
+    torch.testing.assert_close(saved.memory_bank, grown)
+    assert saved.fit_info == engine.model.fit_info and "flips_used" in saved.fit_info

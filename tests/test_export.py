@@ -200,7 +200,7 @@ def test_int8_and_fp16_report_their_auroc_against_the_run(exported):
     assert ev["auroc_drop"] == pytest.approx(ev["reference_auroc"] - ev["auroc"])
     meta = read_metadata(result.path)
     assert meta["precision"] == "int8" and meta["evaluation"] == ev and meta["int8_scope"] == ["model.patch_search"]
-    assert meta["inference_precision"] == "f32"  # a model naming its int8 modules keeps the rest exact
+    assert meta["inference_precision"] == "bf16"  # what stays float: bfloat16 where the CPU has it
     # Only PatchCore's ranking product is 8-bit: every quantiser feeds a matrix product, none the
     # float32 recomputation of the chosen distances that shares its input.
     import openvino as ov
@@ -215,11 +215,11 @@ def test_int8_and_fp16_report_their_auroc_against_the_run(exported):
     records, images = split_tensors(config, "test")
     scores = _outputs(result.path, images).score.numpy()
     assert ev["auroc"] == pytest.approx(auroc(np.array([r.label for r in records]), scores))
-    # An 8-bit ranking can only pick a near-equal neighbour, whose distance is then exact: never a
-    # shorter one than the true nearest, and mostly the same one.
+    # An 8-bit ranking can only pick a near-equal neighbour, whose distance is then recomputed in
+    # float (bfloat16 where the CPU has it, ~0.4 % per value): maps and scores stay that close.
     int8, fp32 = _outputs(result.path, images), _outputs(xml_path, images)
-    assert (int8.anomaly_map >= fp32.anomaly_map - 1e-4 * fp32.anomaly_map.max()).all()
-    assert np.median(np.abs(scores / fp32.score.numpy() - 1)) < 1e-4
+    assert ((int8.anomaly_map - fp32.anomaly_map).abs() <= 0.03 * fp32.anomaly_map.max()).all()
+    assert np.median(np.abs(scores / fp32.score.numpy() - 1)) < 0.02
 
     bf16 = export(run, "openvino", "bf16", onnx=onnx_path, evaluate=False).path
     assert read_metadata(bf16)["inference_precision"] == "bf16"  # the compute precision the runtime sets
@@ -373,7 +373,7 @@ def test_export_and_validate_commands(exported, tmp_path, capsys):
     out = " ".join(capsys.readouterr().out.split())  # rich wraps long lines
     assert ("8-bit: the convolutions (except depthwise ones and those under 64 input channels) and matrix "
             "products of model.patch_search "
-            "(calibrated on 8 images); the rest is float32.") in out
+            "(calibrated on 8 images); the rest is bfloat16 on CPUs with AMX / AVX512-BF16, else float32.") in out
     assert "Image AUROC on the test split" in out
 
 

@@ -183,6 +183,49 @@ def test_bank_rows_are_training_patches():
     assert full.memory_bank.shape == patches.shape
 
 
+def test_update_continues_the_coreset_from_the_bank():
+    from anomalens.components.coreset import greedy_coreset, random_projection
+
+    train, more = textures(8, seed=7), textures(4, seed=9)
+    model = tiny_fit([train])
+    bank = model.memory_bank.clone()
+    with torch.no_grad():
+        new_patches = torch.cat([model._embed(part).permute(0, 2, 3, 1).reshape(-1, 155)
+                                 for part in (more[:1], more[1:])])  # as update's batches below
+        before = torch.cdist(new_patches, bank).amin(1)
+    model.update([batch(more[:1]), more[1:]])  # a Batch or a tensor, like fit
+    assert model.memory_bank.shape == (len(bank) + round(0.1 * 4 * 64), 155)
+    assert torch.equal(model.memory_bank[:len(bank)], bank)  # the bank stays, in order
+    # The added rows: the greedy continuation from the bank over bank + new patches, independently.
+    pool = torch.cat([bank, new_patches])
+    chosen = greedy_coreset(random_projection(pool, 128, 0), len(model.memory_bank), given=len(bank), progress=False)
+    torch.testing.assert_close(model.memory_bank[len(bank):], pool[chosen[len(bank):].sort().values])
+    after = torch.cdist(new_patches, model.memory_bank).amin(1)
+    assert after.mean() < 0.8 * before.mean()  # the new images are learned
+    assert (model.memory_bank[len(bank):, None] == new_patches[None]).all(2).any(1).all()  # new rows: new patches
+    # The unchanged scales: update keeps what fit measured.
+    assert torch.equal(model.position_scale, tiny_fit([train]).position_scale)
+
+
+def test_update_adds_mirrors_when_the_fit_did_and_needs_a_fit():
+    train, more = textures(8, seed=7), textures(2, seed=9)
+    mirrored = tiny_fit([train], flips=True)
+    plain = tiny_fit([train], flips=False)
+    mirrored.update([more])
+    plain.update([more])
+    added = round(0.1 * 2 * 64)  # the unmirrored patches set the growth
+    assert len(mirrored.memory_bank) == len(plain.memory_bank) == round(0.1 * 8 * 64) + added
+    with torch.no_grad():
+        flipped = mirrored._embed(more.flip(-1)).permute(0, 2, 3, 1).reshape(-1, 155)
+        unflipped = mirrored._embed(more).permute(0, 2, 3, 1).reshape(-1, 155)
+    new_rows = mirrored.memory_bank[-added:]
+    from_mirror = (new_rows[:, None] == flipped[None]).all(2).any(1)
+    from_original = (new_rows[:, None] == unflipped[None]).all(2).any(1)
+    assert from_mirror.any() and not from_original.all()
+    with pytest.raises(AnomalensError, match="not fitted; call fit\\(\\) before update"):
+        create_model("patchcore", weights="none").update([more])
+
+
 def diagonal(n: int, seed: int) -> torch.Tensor:
     """Textures crossed by the same bright "/" band: mirrored left-right it runs the other way."""
     images = textures(n, seed)

@@ -162,16 +162,20 @@ class Engine:
         images out; a memory bank or a Gaussian that fits in one pass then costs little to refit
         with them, and gains what they show of normal variation.  The thresholds stay those measured
         on held-out images: with more of normal variation in the model, new good images tend to
-        score lower, so the measured false-alarm rate becomes an upper estimate.
+        score lower, so the measured false-alarm rate becomes an upper estimate.  Models tagged
+        "updatable" (PatchCore) learn the validation images on top of the fit instead of starting over.
         """
         good_val = [r for r in self.splits.val if r.label == GOOD]
         if self.model.tags.get("trainable") or not good_val or not self.config.trainer.refit:
             return
         t0 = time.perf_counter()
         seed_everything(self.config.seed)
-        model = build_model(self.config).to(self.device)
-        model.fit(OnDevice(make_loader([*self.splits.train, *good_val], self.config), self.device))
-        self.model = model.eval()
+        if self.model.tags.get("updatable"):
+            self.model.update(OnDevice(make_loader(good_val, self.config), self.device))
+        else:
+            model = build_model(self.config).to(self.device)
+            model.fit(OnDevice(make_loader([*self.splits.train, *good_val], self.config), self.device))
+            self.model = model.eval()
         self.timings["refit_seconds"] = time.perf_counter() - t0
 
     def train(self, model: AnomalyModel) -> None:
@@ -324,6 +328,7 @@ def save_checkpoint(path: Path, config: Config, model: AnomalyModel, postprocess
         # Every parameter, defaults resolved: a later change of a default must not change a saved model.
         "model_params": dict(model.hparams),
         "model_state": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "fit_info": dict(model.fit_info),  # what fit chose from the data (e.g. mirrors), for update()
         "postprocess_state": {k: v.detach().cpu() for k, v in postprocessor.state_dict().items()},
     }
     tmp = Path(path).with_suffix(".tmp")
@@ -359,6 +364,7 @@ def load_checkpoint(run_or_file: str | Path, device: str | torch.device = "cpu")
         detail = " ".join(str(err).split())
         raise AnomalensError(f"Checkpoint '{path}' (anomalens {payload.get('anomalens_version', '?')}) does not fit "
                              f"this version's {type(model).__name__}: {detail}") from None
+    model.fit_info = dict(payload.get("fit_info", {}))
     postprocessor = PostProcessor()
     postprocessor.load_state_dict(payload["postprocess_state"])
     return config, model.eval().to(device), postprocessor.eval().to(device)

@@ -48,30 +48,40 @@ def random_projection(x: torch.Tensor, dim: int, seed: int = 0, chunk: int = 655
 
 @torch.no_grad()
 def greedy_coreset(x: torch.Tensor, size: int, *, seed: int = 0, progress: bool = True,
-                   pool_size: int = POOL_SIZE) -> torch.Tensor:
+                   pool_size: int = POOL_SIZE, given: int = 0) -> torch.Tensor:
     """Indices (size,) of the greedy k-center coreset of the rows of `x` (N, d), in selection order.
 
     The first centre is drawn with `seed`; every next one is the row farthest (Euclidean) from the
-    centres so far (ties broken arbitrarily).  Works in float32 (float64 input stays
-    float64).  Extra memory: O(N + pool_size^2 + 16384 * pool_size) floats.
+    centres so far (ties broken arbitrarily).  `given` > 0: the first `given` rows are centres
+    already (an existing memory bank learning new rows) and the selection continues from them.
+    Works in float32 (float64 input stays float64).  Extra memory: O(N + pool_size^2 +
+    16384 * pool_size) floats.
     """
     n = x.shape[0]
     if not 1 <= size <= n:
         raise ValueError(f"coreset size must be in [1, {n}], got {size}")
+    if not 0 <= given <= size:
+        raise ValueError(f"given centres must be in [0, {size}] (the coreset size), got {given}")
     if size == n:
         return torch.arange(n, device=x.device)
-    start = int(torch.randint(n, (1,), generator=torch.Generator().manual_seed(seed)))
     x = x if x.dtype == torch.float64 else x.float()
     # Distances are translation invariant; centring shrinks the norms and so the rounding error
     # of the ||a||^2 - 2ab + ||b||^2 products below.
     x = (x - x.mean(0)).contiguous()
     sq = (x * x).sum(1)
-    min_d = squared_distances(x, x[start:start + 1], sq, sq[start:start + 1]).squeeze(1)
-    selected = torch.empty(size, dtype=torch.long, device=x.device)
-    selected[0] = start
-    done = 1
+    if given:
+        selected = torch.arange(size, device=x.device)  # rows after `given` are overwritten below
+        min_d = torch.full((n,), float("inf"), dtype=x.dtype, device=x.device)
+        for s in range(0, given, pool_size):  # in blocks, like every refresh
+            _refresh(min_d, x, sq, selected[s:min(s + pool_size, given)])
+    else:
+        start = int(torch.randint(n, (1,), generator=torch.Generator().manual_seed(seed)))
+        min_d = squared_distances(x, x[start:start + 1], sq, sq[start:start + 1]).squeeze(1)
+        selected = torch.empty(size, dtype=torch.long, device=x.device)
+        selected[0] = start
+    done = max(given, 1)
     with bar("Coreset selection", total=size) if progress else nullcontext(Bar()) as ticks:
-        ticks.advance()  # the first centre
+        ticks.advance(done)  # the first (or given) centres
         while done < size:
             m = min(pool_size, n - 1)
             vals, pool = min_d.topk(m + 1)
@@ -90,11 +100,16 @@ def greedy_coreset(x: torch.Tensor, size: int, *, seed: int = 0, progress: bool 
             selected[done:done + len(picks)] = new
             done += len(picks)
             ticks.advance(len(picks))
-            c, c_sq = x.index_select(0, new), sq.index_select(0, new)
-            for s in range(0, n, _CHUNK):
-                nearest_new = squared_distances(x[s:s + _CHUNK], c, sq[s:s + _CHUNK], c_sq).amin(1)
-                torch.minimum(min_d[s:s + _CHUNK], nearest_new, out=min_d[s:s + _CHUNK])
+            _refresh(min_d, x, sq, new)
     return selected
+
+
+def _refresh(min_d: torch.Tensor, x: torch.Tensor, sq: torch.Tensor, new: torch.Tensor) -> None:
+    """Lower every row's squared distance to the centres (`min_d`) by the centres `new`, in place."""
+    c, c_sq = x.index_select(0, new), sq.index_select(0, new)
+    for s in range(0, len(x), _CHUNK):
+        nearest_new = squared_distances(x[s:s + _CHUNK], c, sq[s:s + _CHUNK], c_sq).amin(1)
+        torch.minimum(min_d[s:s + _CHUNK], nearest_new, out=min_d[s:s + _CHUNK])
 
 
 @torch.no_grad()

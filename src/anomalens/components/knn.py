@@ -14,13 +14,14 @@ from collections.abc import Iterator
 
 import torch
 
-# Elements of one (query block x bank block) distance matrix: 2^21 floats = 8 MiB in eager torch,
-# where smaller blocks stay in cache between the product and the minimum (1024 queries x 10 240
-# bank rows: 45 ms against 54 ms with 2^24, best of 12, one thread).  Exported graphs use 2^24
-# (64 MiB): OpenVINO runs one large 8-bit product faster than several (PatchCore at 256 px:
-# 35.5 ms against 46.7 ms per image; float32 was indifferent).
+# Elements of one (query block x bank block) distance matrix: 2^21 floats = 8 MiB, where smaller
+# blocks stay in cache between the product and the minimum (eager torch, 1024 queries x 10 240 bank
+# rows: 45 ms against 54 ms with 2^24, best of 12, one thread).  Exported graphs use the same: on
+# this AMD EPYC (1 MiB L2 per core, 32 MiB L3) OpenVINO ran PatchCore's 8-bit search at 256 px
+# (batch 8, one thread) in 80 ms with 2^21 or 2^20, 91 ms with 2^22 and 96 ms with one 2^24
+# product, float32 indifferent (252 / 253 ms); an earlier 2-core Xeon with AMX had preferred the
+# single large product (35.5 against 46.7 ms per image).
 DEFAULT_CHUNK = 1 << 21
-EXPORT_CHUNK = 1 << 24
 
 
 def squared_distances(queries: torch.Tensor, bank: torch.Tensor,
@@ -94,9 +95,9 @@ def nearest_distances(queries: torch.Tensor, bank: torch.Tensor, k: int = 1,
     """Distances (Q, k) and indices (Q, k) of the k nearest bank rows of every query row, nearest first.
 
     queries: (Q, D), bank: (M, D), k <= M. `chunk` bounds the number of distances held at once
-    (default: DEFAULT_CHUNK, or EXPORT_CHUNK while torch.export traces).
+    (default: DEFAULT_CHUNK).
     """
-    chunk = chunk or (EXPORT_CHUNK if torch.compiler.is_exporting() else DEFAULT_CHUNK)
+    chunk = chunk or DEFAULT_CHUNK
     if queries.ndim != 2 or bank.ndim != 2 or queries.shape[1] != bank.shape[1]:
         raise ValueError(f"expected (Q, D) queries and (M, D) bank, got {tuple(queries.shape)} and {tuple(bank.shape)}")
     if not 1 <= k <= bank.shape[0]:

@@ -46,9 +46,15 @@ PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 # Which precisions each format offers: torch and ONNX Runtime run on float32 here.  OpenVINO:
 # fp16 stores weights in half precision (computed in float32), bf16 computes in bfloat16 on CPUs
 # with AMX / AVX512-BF16 (float32 elsewhere), int8 quantises with NNCF what int8_scopes names (by
-# default the backbone; int8_precision says how what stays float is computed).
+# default the backbone) and computes what stays float in INT8_FLOAT_PRECISION.
 # Only fp32 is held to the parity contract; the others report their AUROC change on export.
 FORMAT_PRECISIONS = {"torch": ("fp32",), "onnx": ("fp32",), "openvino": PRECISIONS}
+# What an INT8 artifact leaves float (PatchCore: all but its search's ranking product; PaDiM: all but
+# the backbone) is computed in bfloat16 on CPUs with AMX / AVX512-BF16, float32 elsewhere: 1.2x-1.5x
+# faster than float32 there.  Batch 8, 256 px, one thread: PaDiM's depthwise convolutions and
+# Mahalanobis product 1.3x-1.5x (2-core Xeon with AMX); PatchCore 55.3 against 45.3 images/s (AMD
+# EPYC with AVX512-BF16).  The AUROC change is measured on every export (see the README's figures).
+INT8_FLOAT_PRECISION = "bf16"
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("score", "anomaly_map", "norm_score", "norm_map", "pred_label", "pred_mask")
 METADATA_KEY = "anomalens"
@@ -126,8 +132,8 @@ def build_metadata(config: Any, postprocessor: Any, fmt: str, precision: str = "
         "format": fmt,
         "precision": precision,
         "int8_graph": precision == "int8",  # traced in the form INT8 quantisation expects (see trace)
-        # OpenVINO on CPUs with AMX/AVX512-BF16 would silently compute in bf16: we pin f32 (int8: export
-        # sets it, see int8_precision).
+        # OpenVINO on CPUs with AMX/AVX512-BF16 would silently compute in bf16: we pin f32 (int8: see
+        # INT8_FLOAT_PRECISION).
         "inference_precision": "bf16" if precision == "bf16" else "f32",
         "parity": {"rtol": tolerance[0], "atol": tolerance[1], "maps": "rtol relative to each map's peak"},
         "source": None if source is None else str(source),
@@ -371,16 +377,6 @@ def int8_scopes(model: nn.Module) -> list[str]:
     return [f"model.{name}" if name else "model" for name in names]
 
 
-def int8_precision(model: nn.Module) -> str:
-    """Compute precision of what an INT8 artifact leaves float: "bf16" (on CPUs with AMX / AVX512-BF16,
-    float32 elsewhere) when the scope is the pretrained backbone, "f32" when the model names its own
-    `int8_modules`: it keeps everything else exact (PatchCore recomputes its distances in float32).
-
-    PaDiM (EfficientNet-Lite0, 256 px, 2-core Xeon with AMX, batch 8): its float depthwise
-    convolutions and Mahalanobis product in bf16 ran 1.3x-1.5x faster than in float32 (only then
-    faster than FP32), AUROC within 0.003 of the run's.
-    """
-    return "f32" if "int8_modules" in getattr(model, "tags", {}) else "bf16"
 
 
 def _nodes_in_scopes(onnx_path: Path, scopes: Sequence[str]) -> set[str]:
@@ -593,7 +589,7 @@ def export(run: str | Path, fmt: str = "onnx", precision: str = "fp32", out: str
             scope = int8_scopes(model) if int8 else []
             if int8:
                 metadata["int8_scope"] = scope or ["everything"]
-                metadata["inference_precision"] = int8_precision(model)
+                metadata["inference_precision"] = INT8_FLOAT_PRECISION
             with tempfile.TemporaryDirectory(prefix="anomalens-export-") as tmp:
                 # OpenVINO converts from ONNX: the given export, or one written just for this.
                 source = Path(onnx) if program is None else write_onnx(Path(tmp) / "model.onnx", program, metadata, model)

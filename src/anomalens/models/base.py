@@ -73,6 +73,11 @@ class AnomalyModel(nn.Module):
         Trainer(self, TrainSettings.resolve(self.training_defaults, train_overrides), device).fit(batches)
         return self
 
+    def update(self, batches: Iterable[Batch]) -> AnomalyModel:
+        """Fitted one-pass models tagged "updatable": learn more good images in place, without
+        fitting again; return self.  The engine's refit uses it when it can."""
+        raise NotImplementedError(f"{type(self).__name__} cannot learn more images without fitting again")
+
     def training_step(self, batch: Batch) -> dict[str, torch.Tensor]:
         """Trained models: one optimisation step's losses; the key 'loss' is minimised."""
         raise NotImplementedError
