@@ -8,6 +8,7 @@ to torch measured in the same process, minutes apart.
 
     .venv/bin/python benchmarks/runtimes.py                        # patchcore + padim, brick, 256 px
     .venv/bin/python benchmarks/runtimes.py --models padim --run padim=runs/padim/demo/brick/r1
+    .venv/bin/python benchmarks/runtimes.py --throughput-exports   # throughput of fixed-batch artifacts
 
 Timings on a shared machine are noisy: compare only numbers from the same run.  When other jobs
 load the CPU, torch's OpenMP threads spin against them and its multi-threaded timings collapse
@@ -44,9 +45,33 @@ def train(model: str, category: str, image_size: int, root: str | None, project:
     return Engine(config).run()
 
 
+def export_all(run: Path, batch: int | None) -> tuple[dict[tuple[str, str], Path], dict[str, float]]:
+    """Every variant's artifact (at a fixed `batch` under RUN/export/batch-N/, or the default exports)
+    and its export seconds."""
+    from anomalens.deploy.export import export
+
+    def out(name: str) -> Path | None:
+        return None if batch is None else run / "export" / f"batch-{batch}" / name
+
+    artifacts: dict[tuple[str, str], Path] = {("torch", "fp32"): run}
+    t0 = time.perf_counter()
+    onnx_path = export(run, "onnx", out=out("onnx"), batch_size=batch).path
+    seconds = {"onnx": time.perf_counter() - t0}
+    artifacts[("onnx", "fp32")] = onnx_path
+    for precision in ("fp32", "fp16", "bf16", "int8"):
+        t0 = time.perf_counter()
+        artifacts[("openvino", precision)] = export(run, "openvino", precision, out=out(f"openvino_{precision}"),
+                                                    onnx=onnx_path, evaluate=False, batch_size=batch).path
+        seconds[f"openvino_{precision}"] = time.perf_counter() - t0
+    return artifacts, seconds
+
+
 def measure(run: Path, batch_size: int, repeats: int, max_seconds: float, threads: int | None,
-            rounds: int = 3, export_batch: int | None = None) -> list[dict]:
-    from anomalens.deploy.export import compare_outputs, export, measure_speed, predict_all, split_tensors
+            rounds: int = 3, throughput_exports: bool = False) -> list[dict]:
+    """One row per variant: accuracy and parity of the default artifact, its batch-1 latency, and
+    batch-N throughput: of the same artifact, or with `throughput_exports` of the variant exported
+    at a fixed batch N (torch has one form: its eager model)."""
+    from anomalens.deploy.export import compare_outputs, measure_speed, predict_all, split_tensors, time_calls
     from anomalens.deploy.inferencer import Inferencer
     from anomalens.engine import load_checkpoint
     from anomalens.metrics import auroc
@@ -54,16 +79,8 @@ def measure(run: Path, batch_size: int, repeats: int, max_seconds: float, thread
     config, _, post = load_checkpoint(run, "cpu")
     records, images = split_tensors(config, "test")
     labels = np.array([r.label for r in records])
-    artifacts: dict[tuple[str, str], Path] = {("torch", "fp32"): run}
-    t0 = time.perf_counter()
-    onnx_path = export(run, "onnx", batch_size=export_batch).path
-    export_s = {"onnx": time.perf_counter() - t0}
-    artifacts[("onnx", "fp32")] = onnx_path
-    for precision in ("fp32", "fp16", "bf16", "int8"):
-        t0 = time.perf_counter()
-        artifacts[("openvino", precision)] = export(run, "openvino", precision, onnx=onnx_path, evaluate=False,
-                                                    batch_size=export_batch).path
-        export_s[f"openvino_{precision}"] = time.perf_counter() - t0
+    artifacts, export_s = export_all(run, None)
+    fixed = export_all(run, batch_size)[0] if throughput_exports else {}
 
     rows, reference, inferencers = [], None, {}
     for fmt, precision in VARIANTS:
@@ -81,19 +98,32 @@ def measure(run: Path, batch_size: int, repeats: int, max_seconds: float, thread
             parity = compare_outputs(reference, out, float(post.image_threshold), float(post.pixel_threshold))
             row.update(parity_ok=parity.ok, max_rel_score_diff=parity.max_rel_score_diff,
                        label_flips=parity.label_flips, mask_flips=parity.mask_flips)
+        if fixed and fmt != "torch":  # the throughput artifact must compute the same outputs
+            batched = Inferencer.load(fixed[(fmt, precision)], device="cpu", threads=threads)
+            inferencers[(fmt, precision, "throughput")] = batched
+            check = compare_outputs(reference, predict_all(batched, images, batch_size), float(post.image_threshold),
+                                    float(post.pixel_threshold))
+            row.update(throughput_graph_batch=batched.batch_size, throughput_max_rel_score_diff=check.max_rel_score_diff,
+                       throughput_parity_ok=check.ok if precision == "fp32" else None)
         rows.append(row)
+    batch = images[:batch_size]
     # Speed in interleaved rounds, best of each: on a shared machine a neighbour's burst then slows
     # one round of every runtime instead of all the rounds of one.
     for _ in range(rounds):
         for row in rows:
-            speed = measure_speed(inferencers[(row["runtime"], row["precision"])], images, batch_size, repeats,
-                                  max_seconds)
+            key = (row["runtime"], row["precision"])
+            speed = measure_speed(inferencers[key], images, batch_size, repeats, max_seconds)
+            if (*key, "throughput") in inferencers:  # throughput of the fixed-batch artifact instead
+                batched = inferencers[(*key, "throughput")]
+                per_batch = time_calls(lambda b=batched: b.predict(batch), max(3, repeats // batch_size), warmup=1,
+                                       max_seconds=max_seconds)
+                speed["throughput_ips"] = float(len(batch) / np.median(per_batch))
             if "throughput_ips" not in row:
                 row.update(speed)
             else:
                 row["throughput_ips"] = max(row["throughput_ips"], speed["throughput_ips"])
-                for key in ("latency_p50_ms", "latency_p95_ms"):
-                    row[key] = min(row[key], speed[key])
+                for name in ("latency_p50_ms", "latency_p95_ms"):
+                    row[name] = min(row[name], speed[name])
     for row in rows:
         print(json.dumps(row), file=sys.stderr, flush=True)
     inferencers.clear()
@@ -111,9 +141,11 @@ def table(rows: list[dict]) -> str:
              "| image AUROC | AUROC drop | fp32 parity |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
+        # With throughput exports, both artifacts of a variant must hold the parity contract.
+        ok = r.get("parity_ok") and r.get("throughput_parity_ok") is not False
+        diff = max(r.get("max_rel_score_diff", 0.0), r.get("throughput_max_rel_score_diff", 0.0))
         parity = "reference" if r["runtime"] == "torch" else (
-            ("ok" if r["parity_ok"] else "FAILED") if r["precision"] == "fp32" else
-            f"n/a (max rel. diff {r['max_rel_score_diff']:.1e})")
+            ("ok" if ok else "FAILED") if r["precision"] == "fp32" else f"n/a (max rel. diff {diff:.1e})")
         # INT8 of a backbone computes what it leaves float in bf16 (on AMX / AVX512-BF16 CPUs).
         precision = r["precision"] + (" (+bf16)" if r["precision"] == "int8" and r["inference_precision"] == "bf16" else "")
         lines.append(f"| {r['model']} | {r['runtime']} | {precision} | {r['latency_p50_ms']:.1f} | "
@@ -134,9 +166,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-seconds", type=float, default=20.0, help="time cap per measurement")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds; the best of each is kept")
     parser.add_argument("--threads", type=int, help="CPU threads for every runtime (default: each one's own)")
-    parser.add_argument("--export-batch", type=int, help="export every artifact at this fixed batch (give the "
-                        "throughput batch): the backbone's CPU steps unroll into the graph; batch-1 latency is then "
-                        "that of a padded batch")
+    parser.add_argument("--throughput-exports", action="store_true",
+                        help="also export every variant at a fixed batch of --batch-size and measure throughput on "
+                        "those (the backbone's CPU steps unroll into such graphs); latency, accuracy and parity stay "
+                        "those of the default exports")
     parser.add_argument("--out", help="write the rows as JSON here")
     args = parser.parse_args(argv)
 
@@ -150,9 +183,10 @@ def main(argv: list[str] | None = None) -> int:
         run = Path(given[model]) if model in given else train(model, args.category, args.image_size, args.demo_root,
                                                                project)
         rows += measure(run, args.batch_size, args.repeats, args.max_seconds, args.threads, args.rounds,
-                        args.export_batch)
+                        args.throughput_exports)
     threads = f"{args.threads} thread(s) per runtime" if args.threads else "default threads"
-    exported = f"; artifacts at a fixed batch of {args.export_batch}" if args.export_batch else ""
+    exported = (f" (artifacts exported at a fixed batch of {args.batch_size}, outputs checked against torch)"
+                if args.throughput_exports else "")
     print(f"CPU: {os.cpu_count()} cores, {threads}; batch {args.batch_size} for throughput{exported}; "
           f"{args.category} at {args.image_size} px\n")
     print(table(rows))
