@@ -71,6 +71,8 @@ def measure(run: Path, batch_size: int, repeats: int, max_seconds: float, thread
     """One row per variant: accuracy and parity of the default artifact, its batch-1 latency, and
     batch-N throughput: of the same artifact, or with `throughput_exports` of the variant exported
     at a fixed batch N (torch has one form: its eager model)."""
+    import torch
+
     from anomalens.deploy.export import compare_outputs, measure_speed, predict_all, split_tensors, time_calls
     from anomalens.deploy.inferencer import Inferencer
     from anomalens.engine import load_checkpoint
@@ -106,7 +108,7 @@ def measure(run: Path, batch_size: int, repeats: int, max_seconds: float, thread
             row.update(throughput_graph_batch=batched.batch_size, throughput_max_rel_score_diff=check.max_rel_score_diff,
                        throughput_parity_ok=check.ok if precision == "fp32" else None)
         rows.append(row)
-    batch = images[:batch_size]
+    batch = images[torch.arange(batch_size) % len(images)]  # a tiny split: its images repeat to fill the batch
     # Speed in interleaved rounds, best of each: on a shared machine a neighbour's burst then slows
     # one round of every runtime instead of all the rounds of one.
     for _ in range(rounds):
