@@ -132,9 +132,8 @@ def build_metadata(config: Any, postprocessor: Any, fmt: str, precision: str = "
         "format": fmt,
         "precision": precision,
         "int8_graph": precision == "int8",  # traced in the form INT8 quantisation expects (see trace)
-        # OpenVINO on CPUs with AMX/AVX512-BF16 would silently compute in bf16: we pin f32 (int8: see
-        # INT8_FLOAT_PRECISION).
-        "inference_precision": "bf16" if precision == "bf16" else "f32",
+        # OpenVINO on CPUs with AMX/AVX512-BF16 would silently compute in bf16: we pin f32 unless asked.
+        "inference_precision": {"bf16": "bf16", "int8": INT8_FLOAT_PRECISION}.get(precision, "f32"),
         "parity": {"rtol": tolerance[0], "atol": tolerance[1], "maps": "rtol relative to each map's peak"},
         "source": None if source is None else str(source),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -377,8 +376,6 @@ def int8_scopes(model: nn.Module) -> list[str]:
     return [f"model.{name}" if name else "model" for name in names]
 
 
-
-
 def _nodes_in_scopes(onnx_path: Path, scopes: Sequence[str]) -> set[str]:
     """Names of the ONNX nodes traced from inside the given module paths (torch.onnx records them)."""
     import ast
@@ -589,7 +586,6 @@ def export(run: str | Path, fmt: str = "onnx", precision: str = "fp32", out: str
             scope = int8_scopes(model) if int8 else []
             if int8:
                 metadata["int8_scope"] = scope or ["everything"]
-                metadata["inference_precision"] = INT8_FLOAT_PRECISION
             with tempfile.TemporaryDirectory(prefix="anomalens-export-") as tmp:
                 # OpenVINO converts from ONNX: the given export, or one written just for this.
                 source = Path(onnx) if program is None else write_onnx(Path(tmp) / "model.onnx", program, metadata, model)

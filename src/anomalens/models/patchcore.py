@@ -391,4 +391,3 @@ class PatchCore(AnomalyModel):
         # 1 - softmax at m*, in log space: exp of distances overflows float32 beyond ~88.
         weight = 1 - torch.exp(to_m_star - torch.logsumexp(to_neighbours, dim=1))
         return weight * s_star
-
